@@ -1,0 +1,110 @@
+"""The two things callers do with a recipe: merge into memory, or into a file.
+
+The WebUI hot-load, the XYZ cells and the standalone UI call
+:func:`merge_to_memory` / :func:`iter_merge`; the CLI and every "Save" call
+:func:`merge_to_file`, which writes the recipe and A1111's merge metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Callable
+
+import torch
+
+from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
+from .errors import MergeError
+from .hashing import legacy_hash, sha256_file, short_hash
+from .recipe import RECIPE_METADATA_KEY, MergeRecipe
+from .writer import SafetensorsWriter
+
+ProgressFn = Callable[[Progress], None]
+
+
+def input_hashes(recipe: MergeRecipe) -> dict[str, dict]:
+    """sha256, A1111 short hash and legacy hash of every input, keyed by absolute path."""
+    out = {}
+    for path in [recipe.base, *recipe.models]:
+        full = os.path.abspath(path)
+        if full not in out:
+            sha = sha256_file(full)
+            out[full] = {"sha256": sha, "hash": short_hash(sha), "legacy_hash": legacy_hash(full)}
+    return out
+
+
+class _Hasher(threading.Thread):
+    """Hash the inputs on the side while the merge runs (both mostly wait on I/O)."""
+
+    def __init__(self, recipe: MergeRecipe) -> None:
+        super().__init__(daemon=True)
+        self.recipe = recipe
+        self.result: dict[str, dict] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = input_hashes(self.recipe)
+        except BaseException as exc:  # reported by the caller
+            self.error = exc
+
+
+def build_metadata(recipe: MergeRecipe, inputs: dict[str, dict], out_dtype: str) -> dict[str, str]:
+    """The recipe JSON plus A1111's sd_merge_recipe / sd_merge_models (its metadata viewer shows them)."""
+    r = recipe.resolved()
+    doc = r.to_json_dict(inputs)
+    doc["output_dtype"] = out_dtype
+    doc["recipe_hash"] = r.recipe_hash(inputs)
+    a1111_recipe = {
+        "type": "sd-webui-dare-merge", "method": r.method,
+        "primary_model_hash": inputs[os.path.abspath(r.base)]["sha256"],
+        "secondary_model_hashes": [inputs[os.path.abspath(m)]["sha256"] for m in r.models],
+        **{k: v for k, v in r.params_dict().items() if v is not None},
+        "save_as_half": out_dtype != "fp32", "output_dtype": out_dtype,
+    }
+    models = {}
+    for path in [r.base, *r.models]:
+        info = inputs[os.path.abspath(path)]
+        models[info["sha256"]] = {"name": os.path.basename(path), "legacy_hash": info["legacy_hash"],
+                                  "sd_merge_recipe": None}
+    return {"format": "pt", RECIPE_METADATA_KEY: json.dumps(doc, sort_keys=True),
+            "sd_merge_recipe": json.dumps(a1111_recipe, sort_keys=True),
+            "sd_merge_models": json.dumps(models, sort_keys=True)}
+
+
+def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", overwrite: bool = False,
+                  device: str | None = None, progress: ProgressFn | None = None,
+                  cancel: CancelToken | None = None, chunk: int | None = None) -> MergeReport:
+    """Merge and write a safetensors file atomically; nothing is left behind on failure."""
+    plan = MergePlan(recipe, out_dtype)
+    try:
+        hasher = _Hasher(plan.recipe)
+        hasher.start()
+        with SafetensorsWriter(out_path, plan.output_entries(), overwrite=overwrite) as writer:
+            for key, tensor in iter_merge(plan, device, progress, cancel, chunk):
+                writer.write(key, tensor)
+            hasher.join()
+            if hasher.error is not None:
+                raise MergeError(f"could not hash the inputs: {hasher.error}")
+            metadata = build_metadata(plan.recipe, hasher.result or {}, out_dtype)
+            plan.report.output = writer.commit(metadata)
+            plan.report.output_bytes = os.path.getsize(plan.report.output)
+        return plan.report
+    finally:
+        plan.close()
+
+
+def merge_to_memory(recipe: MergeRecipe, out_dtype: str = "fp32", device: str | None = None,
+                    progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+                    chunk: int | None = None) -> tuple[dict[str, torch.Tensor], MergeReport]:
+    """Merge into a state dict of CPU tensors (copied keys are fresh tensors too)."""
+    plan = MergePlan(recipe, out_dtype)
+    try:
+        state = dict(iter_merge(plan, device, progress, cancel, chunk, own_memory=True))
+        return state, plan.report
+    finally:
+        plan.close()
+
+
+__all__ = ["merge_to_file", "merge_to_memory", "build_metadata", "input_hashes", "default_device",
+           "CancelToken", "Progress", "MergeReport", "MergePlan"]

@@ -1,0 +1,180 @@
+"""``python -m lib_merge``: merge, inspect, make synthetic checkpoints, serve the UI.
+
+Errors are one line naming the file (and key) with exit code 2; a cancelled
+merge (Ctrl-C) leaves no file and exits 130.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from .api import merge_to_file
+from .checkpoint import open_checkpoint
+from .engine import CancelToken, Progress, default_device
+from .errors import MergeCancelled, MergeError
+from .methods import METHODS
+from .recipe import DEFAULT_SEED, OUTPUT_DTYPES, RECIPE_METADATA_KEY, MergeRecipe, recipe_from_metadata
+
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints into a new .safetensors file",
+                       description="Merge a base and N models with DARE/TIES and write a safetensors file.")
+    p.add_argument("--base", help="base checkpoint (theta0)")
+    p.add_argument("--models", nargs="+", metavar="FILE", help="models to merge into the base")
+    p.add_argument("--method", default="dare_ties_soup", help=f"one of: {', '.join(METHODS)} (default dare_ties_soup)")
+    p.add_argument("--p", type=float, help="DARE drop rate, 0 <= p < 1 (default: the method's preset)")
+    p.add_argument("--k", type=float, help="TIES keep fraction, 0 < k <= 1")
+    p.add_argument("--alpha", type=float, help="weight of the merged delta, -1..2")
+    p.add_argument("--vote-sgn", action="store_true", default=None,
+                   help="elect signs by counting them (TIES-SOUP); note sd-mecha >= 0.1.0 means the opposite")
+    p.add_argument("--lambda", dest="lam", type=float, help="DARE rescale strength: delta * (1-p)^-lambda, 0..2")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the DARE masks")
+    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one positive weight per model")
+    p.add_argument("--merge", choices=["mean", "sum"], help="disjoint mean (TIES) or sum (task arithmetic)")
+    p.add_argument("--alpha-unet", type=float, help="alpha for UNet keys")
+    p.add_argument("--alpha-te", type=float, help="alpha for text-encoder keys")
+    p.add_argument("--block-weights", help="alpha per block: 26 (SD1/SD2) or 20 (SDXL) values, BASE,IN00..,M00,OUT..")
+    p.add_argument("--block-p", help="p per block (same notation)")
+    p.add_argument("--block-k", help="k per block (same notation)")
+    p.add_argument("--merge-vae", action="store_true", help="merge the VAE too (default: the base's VAE)")
+    p.add_argument("--skip-mismatched", action="store_true", help="skip keys whose shapes differ instead of failing")
+    p.add_argument("--allow-nonfinite", action="store_true", help="write a result even if it holds NaN/Inf")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda when available)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="fp16", help="output precision (default fp16)")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--recipe", metavar="FILE", help="re-run the recipe stored in a merged checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _recipe_from_args(a: argparse.Namespace) -> MergeRecipe:
+    if a.recipe:
+        with open_checkpoint(a.recipe) as ckpt:
+            import os
+            return recipe_from_metadata(ckpt.metadata, [os.path.dirname(os.path.abspath(a.recipe))])
+    if not a.base or not a.models:
+        raise MergeError("--base and --models are required (or --recipe FILE)")
+    return MergeRecipe(
+        method=a.method, base=a.base, models=a.models, p=a.p, k=a.k, alpha=a.alpha, lam=a.lam,
+        vote_sgn=a.vote_sgn, seed=a.seed, weights=a.weights, merge=a.merge, alpha_unet=a.alpha_unet,
+        alpha_te=a.alpha_te, block_alpha=a.block_weights, block_p=a.block_p, block_k=a.block_k,
+        vae="merge" if a.merge_vae else "base", on_mismatch="skip" if a.skip_mismatched else "error",
+        allow_nonfinite=a.allow_nonfinite)
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    recipe = _recipe_from_args(a)
+    cancel = CancelToken()
+    bar = None
+    if not a.quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=None, unit="B", unit_scale=True, desc="merging", file=sys.stderr, mininterval=0.5)
+
+    def progress(ev: Progress) -> None:
+        if bar is not None:
+            if bar.total != ev.bytes_total:
+                bar.total = ev.bytes_total
+            bar.update(ev.bytes_done - bar.n)
+
+    try:
+        report = merge_to_file(recipe, a.out, out_dtype=a.dtype, overwrite=a.overwrite,
+                               device=a.device or default_device(), progress=progress, cancel=cancel)
+    except KeyboardInterrupt:
+        raise MergeCancelled("merge cancelled; nothing was written") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.summary())
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    with open_checkpoint(a.file) as ckpt:
+        summary = ckpt.summary()
+        raw = ckpt.metadata.get(RECIPE_METADATA_KEY)
+        try:
+            summary["recipe"] = json.loads(raw) if raw else None
+        except ValueError:
+            summary["recipe"] = None
+        for key in ("sd_merge_recipe", "sd_merge_models"):
+            if key in ckpt.metadata:
+                summary.setdefault("a1111_metadata", {})[key] = json.loads(ckpt.metadata[key])
+    if a.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['file']}: {summary['architecture']}, {summary['keys']} keys, "
+          f"{summary['size_bytes'] / 1e9:.2f} GB")
+    for name, comp in summary["components"].items():
+        dtypes = ", ".join(f"{d} x{c}" for d, c in comp["dtypes"].items())
+        print(f"  {name:6s} {comp['keys']:5d} keys {comp['params'] / 1e6:9.1f} M params  {dtypes}")
+    recipe = summary["recipe"]
+    if recipe:
+        knobs = {k: v for k, v in recipe.items() if k not in ("base", "models", "format") and v is not None}
+        print(f"  recipe: {json.dumps(knobs, sort_keys=True)}")
+        print(f"  base: {recipe['base']['file']} {recipe['base'].get('hash', '')}")
+        for m in recipe["models"]:
+            print(f"  model: {m['file']} {m.get('hash', '')}")
+    else:
+        print("  no merge recipe stored")
+    return 0
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .synth import write_demo_set, write_synthetic
+    if a.demo_set:
+        for path in write_demo_set(a.demo_set, a.arch, a.n_models, a.scale_down, a.dtype):
+            print(path)
+        return 0
+    if not a.out:
+        raise MergeError("--out (or --demo-set DIR) is required")
+    print(write_synthetic(a.out, a.arch, a.role, a.seed, a.base_seed, a.dtype, a.scale_down))
+    return 0
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    from .ui.standalone import serve
+    return serve(models_dir=a.models_dir, port=a.port, demo=a.demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lib_merge",
+                                     description="Strict DARE/TIES checkpoint merging for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _merge_parser(sub)
+    p = sub.add_parser("inspect", help="architecture, components, dtypes and stored recipe of a checkpoint")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = sub.add_parser("synth", help="write synthetic checkpoints with real SD keys (for trying things out)")
+    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--role", choices=["base", "finetune"], default="base")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-seed", type=int, default=0)
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="fp16")
+    p.add_argument("--scale-down", type=int, default=1, help="divide dimensions > 64 by this (tiny files)")
+    p.add_argument("--out")
+    p.add_argument("--demo-set", metavar="DIR", help="write a base and --n-models fine-tunes into DIR")
+    p.add_argument("--n-models", type=int, default=3)
+    p = sub.add_parser("ui", help="serve the merge tab on 127.0.0.1 without a WebUI")
+    p.add_argument("--models-dir", required=True, help="folder of checkpoints to choose from; merges are saved here")
+    p.add_argument("--port", type=int, default=7870)
+    p.add_argument("--demo", action="store_true", help="write small synthetic SD1 checkpoints there if it has none")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"merge": cmd_merge, "inspect": cmd_inspect, "synth": cmd_synth, "ui": cmd_ui}
+    try:
+        return handlers[args.command](args)
+    except MergeCancelled as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130
+    except MergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

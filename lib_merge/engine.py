@@ -1,0 +1,399 @@
+"""The streaming merge: open lazily, walk the keys, merge each in element chunks.
+
+Memory stays O(one tensor) whatever the number of models: inputs are
+memory-mapped views, each key is processed in chunks of elements (all N
+models' slices of a chunk at a time, the chunk shrinking as N grows), and the
+only whole-tensor buffers are the output tensor and, for TIES trimming, one
+model's delta at a time while its threshold is found.  DARE masks are
+regenerated from the hash, never stored.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import kernels
+from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, component_of,
+                   parse_block_values)
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
+from .masks import MaskHasher, mask_salt
+from .recipe import MergeRecipe
+from .writer import OUTPUT_TORCH_DTYPES
+
+INPAINT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+CPU_CHUNK = 1 << 18
+CUDA_CHUNK = 1 << 24
+CHUNK_BUDGET = 1 << 23  # elements held across all models of one chunk
+
+
+@dataclass
+class Progress:
+    """What a progress callback receives after each key."""
+
+    keys_done: int
+    keys_total: int
+    bytes_done: int
+    bytes_total: int
+    key: str
+    seconds: float
+
+
+class CancelToken:
+    """Set from another thread (a Cancel button); the merge stops within one key."""
+
+    def __init__(self) -> None:
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise MergeCancelled("merge cancelled; nothing was written")
+
+
+@dataclass
+class MergeReport:
+    """What happened, for the status line, the log and the CLI."""
+
+    arch: str = ""
+    method: str = ""
+    device: str = "cpu"
+    seconds: float = 0.0
+    keys_total: int = 0
+    merged: int = 0
+    copied: int = 0
+    dropped: int = 0
+    vae_from_base: int = 0
+    other_keys: list[str] = field(default_factory=list)
+    missing: dict[str, list[str]] = field(default_factory=dict)     # model file -> keys it lacks
+    extra: dict[str, list[str]] = field(default_factory=dict)       # model file -> keys the base lacks
+    mismatches: list[str] = field(default_factory=list)
+    nonfinite: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    output: str | None = None
+    output_bytes: int = 0
+
+    def summary(self) -> str:
+        lines = [f"{self.method} merge of a {ARCH_NAMES.get(self.arch, self.arch)} model: "
+                 f"{self.merged} keys merged, {self.copied} copied from the base"
+                 + (f" ({self.vae_from_base} VAE)" if self.vae_from_base else "")
+                 + (f", {self.dropped} EMA keys dropped" if self.dropped else "")
+                 + f", in {self.seconds:.1f} s on {self.device}"]
+        if self.output:
+            lines.append(f"wrote {self.output} ({self.output_bytes / 1e9:.2f} GB)")
+        for name, keys in self.missing.items():
+            lines.append(f"{name} lacks {len(keys)} keys of the base (e.g. {keys[0]}); the base's values "
+                         "stand in for it there")
+        for name, keys in self.extra.items():
+            lines.append(f"{name} has {len(keys)} keys the base lacks (e.g. {keys[0]}); they are ignored")
+        lines.extend(self.mismatches)
+        if self.other_keys:
+            lines.append(f"{len(self.other_keys)} keys outside UNet/text encoder/VAE copied from the base "
+                         f"(e.g. {self.other_keys[0]})")
+        lines.extend(self.nonfinite)
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+@dataclass
+class KeyTask:
+    key: str
+    action: str                      # "merge" or "copy"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    params: kernels.DeltaParams | None = None
+    models: list[int] = field(default_factory=list)   # indices into plan.models present at this key
+    channel_slice: int | None = None  # inpainting input conv: merge only the first C channels
+
+
+class MergePlan:
+    """Opened inputs and a per-key decision, made before any heavy work."""
+
+    def __init__(self, recipe: MergeRecipe, out_dtype: str = "fp16") -> None:
+        self.notes = recipe.validate()
+        self.recipe = recipe.resolved()
+        if out_dtype not in OUTPUT_TORCH_DTYPES:
+            raise ParameterError(f"output dtype must be one of {', '.join(OUTPUT_TORCH_DTYPES)}, got {out_dtype!r}")
+        self.out_dtype = OUTPUT_TORCH_DTYPES[out_dtype]
+        self.spec = self.recipe.spec
+        self.base: Checkpoint = open_checkpoint(self.recipe.base)
+        self.models: list[Checkpoint] = [open_checkpoint(m) for m in self.recipe.models]
+        self.arch = self._check_arch()
+        self.recipe.block_count_ok(self.arch)
+        self.report = MergeReport(arch=self.arch, method=self.spec.name, notes=list(self.notes))
+        self._blocks = {name: parse_block_values(text, self.arch, name.replace("_", " "))
+                        for name in ("block_alpha", "block_p", "block_k")
+                        if (text := getattr(self.recipe, name))}
+        self._check_block_ranges()
+        self.tasks = self._plan_keys()
+
+    def _check_arch(self) -> str:
+        base_arch = self.base.arch
+        if base_arch is None:
+            raise ArchitectureError("not a Stable Diffusion checkpoint (no SD1/SD2/SDXL UNet or text-encoder "
+                                    "keys found)", self.base.path)
+        for model in self.models:
+            arch = model.arch
+            if arch is None:
+                raise ArchitectureError("not a Stable Diffusion checkpoint (no SD1/SD2/SDXL UNet or "
+                                        "text-encoder keys found)", model.path)
+            if arch != base_arch:
+                raise ArchitectureError(
+                    f"is {ARCH_NAMES[arch]} but the base {self.base.name} is {ARCH_NAMES[base_arch]}; "
+                    "models of different architectures cannot be merged", model.path)
+        return base_arch
+
+    def _check_block_ranges(self) -> None:
+        knob = {"block_alpha": "alpha", "block_p": "p", "block_k": "k"}
+        from .recipe import check_range
+        for name, values in self._blocks.items():
+            for label, value in values.items():
+                try:
+                    check_range(knob[name], value)
+                except ParameterError as exc:
+                    raise ParameterError(f"{name.replace('_', ' ')} {label}: {exc}") from None
+
+    def _key_params(self, key: str, component: str) -> kernels.DeltaParams:
+        r = self.recipe
+        alpha = r.alpha
+        if component == UNET and r.alpha_unet is not None:
+            alpha = r.alpha_unet
+        if component == TEXT_ENCODER and r.alpha_te is not None:
+            alpha = r.alpha_te
+        p, k = r.p, r.k
+        block = block_of(key, self.arch)
+        if block is not None:
+            alpha = self._blocks.get("block_alpha", {}).get(block, alpha)
+            p = self._blocks.get("block_p", {}).get(block, p)
+            k = self._blocks.get("block_k", {}).get(block, k)
+        if not self.spec.trim:
+            k = 1.0
+        return kernels.DeltaParams(p=p, k=k, vote_sgn=r.vote_sgn, lam=r.lam, alpha=alpha,
+                                   merge=r.merge, elect=self.spec.elect)
+
+    def _plan_keys(self) -> list[KeyTask]:
+        r, report = self.recipe, None
+        report = self.report
+        tasks: list[KeyTask] = []
+        base_keys = set(self.base.keys())
+        for model in self.models:
+            extra = [k for k in model.keys() if k not in base_keys and component_of(k) != EMA]
+            if extra:
+                report.extra[model.name] = extra
+        for key in self.base.keys():
+            info = self.base.info(key)
+            component = component_of(key)
+            if component == EMA:
+                report.dropped += 1
+                continue
+            if not info.dtype.is_floating_point:
+                tasks.append(KeyTask(key, "copy", info.shape, info.dtype))
+                continue
+            out_dtype = self.out_dtype
+            if component == OTHER:
+                report.other_keys.append(key)
+                tasks.append(KeyTask(key, "copy", info.shape, info.dtype))
+                continue
+            if component == VAE and r.vae == "base":
+                report.vae_from_base += 1
+                tasks.append(KeyTask(key, "copy", info.shape, out_dtype))
+                continue
+            present, channel_slice = [], None
+            for index, model in enumerate(self.models):
+                if key not in model:
+                    report.missing.setdefault(model.name, []).append(key)
+                    continue
+                m_shape = model.info(key).shape
+                if m_shape == info.shape:
+                    present.append(index)
+                    continue
+                if (key == INPAINT_KEY and len(m_shape) == 4 and len(info.shape) == 4
+                        and m_shape[0] == info.shape[0] and m_shape[2:] == info.shape[2:]):
+                    shared = min(m_shape[1], info.shape[1])
+                    channel_slice = shared if channel_slice is None else min(channel_slice, shared)
+                    present.append(index)
+                    report.mismatches.append(
+                        f"{key}: {model.name} has {m_shape[1]} input channels, the base {info.shape[1]}; "
+                        f"the shared {shared} channels are merged, the base's others kept")
+                    continue
+                message = (f"shape {list(m_shape)} differs from the base's {list(info.shape)} "
+                           f"({self.base.name})")
+                if r.on_mismatch == "skip":
+                    report.mismatches.append(f"{model.path}: key {key}: {message}; skipped for this model")
+                    continue
+                raise ShapeMismatchError(message + "; choose 'skip mismatched keys' to merge the rest",
+                                         model.path, key)
+            if not present:
+                tasks.append(KeyTask(key, "copy", info.shape, out_dtype))
+                continue
+            tasks.append(KeyTask(key, "merge", info.shape, out_dtype, self._key_params(key, component),
+                                 present, channel_slice))
+        report.keys_total = len(tasks)
+        return tasks
+
+    def output_entries(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(t.key, t.shape, t.dtype) for t in self.tasks]
+
+    def close(self) -> None:
+        for ckpt in [self.base, *self.models]:
+            ckpt.close()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class KeyMerger:
+    """Runs the kernels for one key, chunk by chunk, on one device."""
+
+    def __init__(self, plan: MergePlan, device: str, chunk: int | None = None) -> None:
+        self.plan = plan
+        self.device = torch.device(device)
+        base_chunk = chunk or (CUDA_CHUNK if self.device.type == "cuda" else CPU_CHUNK)
+        n_models = max(1, len(plan.models))
+        self.chunk = max(1 << 12, min(base_chunk, CHUNK_BUDGET // n_models)) if chunk is None else chunk
+        self.hasher = MaskHasher(self.device, max_chunk=min(self.chunk, 1 << 20))
+
+    def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
+        plan = self.plan
+        base_full = plan.base.tensor(task.key)
+        models_full = [plan.models[i].tensor(task.key) for i in task.models]
+        if task.channel_slice is not None:
+            c = task.channel_slice
+            base_src = base_full[:, :c].contiguous().reshape(-1)
+            model_srcs = [m[:, :c].contiguous().reshape(-1) for m in models_full]
+        else:
+            base_src = base_full.reshape(-1)
+            model_srcs = [m.reshape(-1) for m in models_full]
+        merged = self._merge_flat(task, base_src, model_srcs, cancel)
+        if task.channel_slice is None:
+            return merged.view(task.shape)
+        out = base_full.to(task.dtype).clone()
+        out[:, :task.channel_slice] = merged.view(out[:, :task.channel_slice].shape)
+        return out
+
+    def _dev(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=False)
+
+    def _merge_flat(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor],
+                    cancel: CancelToken | None) -> torch.Tensor:
+        plan, spec = self.plan, self.plan.spec
+        n = base.numel()
+        weights = [plan.recipe.weights[i] for i in task.models]
+        out = torch.empty(n, dtype=task.dtype)
+        params = task.params
+        masks = thresholds = None
+        coeffs = None
+        if spec.kind == "delta":
+            if params.p > 0:
+                masks = [kernels.DropMask(self.hasher, mask_salt(plan.recipe.seed, task.key, i))
+                         for i in task.models]
+            if params.k < 1.0:
+                thresholds = [self._threshold(base, m, masks[j] if masks else None, params, cancel)
+                              for j, m in enumerate(models)]
+        elif spec.kind == "slerp":
+            alpha = params.alpha
+            coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base, models[0]), alpha)
+        bad: list[str] = []
+        for start in range(0, n, self.chunk):
+            if cancel is not None:
+                cancel.check()
+            stop = min(n, start + self.chunk)
+            theta0 = self._dev(base[start:stop])
+            thetas = [self._dev(m[start:stop]) for m in models]
+            if spec.kind == "delta":
+                result = kernels.delta_merge(theta0, thetas, weights, params, masks, thresholds or None,
+                                             start, nonfinite=bad)
+            elif spec.kind == "weighted_sum":
+                result = kernels.weighted_sum(theta0, thetas, weights, params.alpha)
+            else:
+                result = kernels.slerp_apply(theta0, thetas[0], coeffs)
+            cast = result.to(task.dtype)
+            if not bad and not bool(torch.isfinite(cast).all()):
+                bad.append("the result")
+            if bad:
+                self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], bad[0])
+            out[start:stop].copy_(cast)
+        return out
+
+    def _threshold(self, base: torch.Tensor, model: torch.Tensor, mask: kernels.DropMask | None,
+                   params: kernels.DeltaParams, cancel: CancelToken | None) -> torch.Tensor:
+        """Trim threshold of one model's whole (DARE-dropped) delta: one tensor of memory."""
+        n = base.numel()
+        delta = torch.empty(n, dtype=torch.float32, device=self.device)
+        for start in range(0, n, self.chunk):
+            if cancel is not None:
+                cancel.check()
+            stop = min(n, start + self.chunk)
+            part = kernels.task_delta(self._dev(model[start:stop]), self._dev(base[start:stop]))
+            kernels.dare_drop_(part, mask, start, params.p)
+            delta[start:stop] = part
+        return kernels.trim_threshold(delta, params.k)
+
+    def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor], where: str) -> None:
+        plan = self.plan
+        culprits = [plan.base.path] if not bool(torch.isfinite(base.float()).all()) else []
+        culprits += [plan.models[i].path for i, m in zip(task.models, models)
+                     if not bool(torch.isfinite(m.float()).all())]
+        source = (f"NaN/Inf in {', '.join(culprits)}" if culprits
+                  else f"the merge produced NaN/Inf (overflow in {plan.out_dtype})")
+        message = f"key {task.key}: {source}"
+        if plan.recipe.allow_nonfinite:
+            if message not in plan.report.nonfinite:
+                plan.report.nonfinite.append(message)
+            return
+        raise NonFiniteError(f"{source}; refusing to produce a result with NaN/Inf "
+                             "(allow non-finite values to override)", key=task.key)
+
+
+def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[Progress], None] | None = None,
+               cancel: CancelToken | None = None, chunk: int | None = None,
+               own_memory: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, merged tensor on CPU) in output order; the caller consumes as it goes.
+
+    Keys copied from the base are views into its memory map unless
+    ``own_memory``: fine for writing them out, not for keeping them.
+    """
+    device = device or default_device()
+    merger = KeyMerger(plan, device, chunk)
+    report = plan.report
+    report.device = str(device)
+    started = time.perf_counter()
+    total_bytes = sum(t.dtype.itemsize * _numel(t.shape) for t in plan.tasks)
+    done_bytes = 0
+    for index, task in enumerate(plan.tasks):
+        if cancel is not None:
+            cancel.check()
+        if task.action == "copy":
+            tensor = plan.base.tensor(task.key)
+            if tensor.dtype != task.dtype:
+                tensor = tensor.to(task.dtype)
+            elif own_memory:
+                tensor = tensor.clone()
+            report.copied += 1
+        else:
+            tensor = merger.merge(task, cancel)
+            report.merged += 1
+        yield task.key, tensor
+        done_bytes += task.dtype.itemsize * _numel(task.shape)
+        if progress is not None:
+            progress(Progress(index + 1, len(plan.tasks), done_bytes, total_bytes, task.key,
+                              time.perf_counter() - started))
+    report.seconds = time.perf_counter() - started
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,108 @@
+"""Synthetic checkpoints with the real SD1/SD2/SDXL keys, shapes and dtypes.
+
+No model weights can be downloaded where this project is tested, yet the
+engine, the tab and the WebUI hot-load must all see real key names.  A "base"
+is seeded noise at a plausible scale per tensor; a "finetune" is the base plus
+a small dense delta and a sparse set of larger changes (the shape of real
+fine-tune deltas that TIES/DARE are designed around).  Same arguments, same
+bytes.  ``scale_down`` divides every dimension above 64 for tiny test files.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from .arch import reference_keys
+from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter
+
+_JSON_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "int32": torch.int32}
+
+
+def _seed(*parts: object) -> int:
+    digest = hashlib.blake2b("\0".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def synth_entries(arch: str, scale_down: int = 1, drop_optional: bool = False) -> list[dict]:
+    out = []
+    for entry in reference_keys(arch):
+        if drop_optional and entry["optional"]:
+            continue
+        shape = [d if d <= 64 or scale_down <= 1 else max(1, d // scale_down) for d in entry["shape"]]
+        out.append({**entry, "shape": shape})
+    return out
+
+
+def _base_value(key: str, shape: Sequence[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    if not dtype.is_floating_point:
+        n = math.prod(shape)
+        return torch.arange(n, dtype=dtype).reshape(shape) if key.endswith("position_ids") \
+            else torch.zeros(shape, dtype=dtype)
+    gen = torch.Generator().manual_seed(_seed(seed, "base", key))
+    t = torch.empty(shape, dtype=torch.float32)
+    if len(shape) <= 1 and key.endswith("weight"):
+        return t.normal_(1.0, 0.05, generator=gen)      # norm scales
+    if key.endswith("bias") or len(shape) <= 1:
+        return t.normal_(0.0, 0.01, generator=gen)
+    fan_in = max(1, math.prod(shape[1:]))
+    return t.normal_(0.0, min(0.05, max(0.01, fan_in ** -0.5)), generator=gen)
+
+
+def _finetune_value(key: str, base: torch.Tensor, seed: int, delta_scale: float,
+                    sparse_frac: float, sparse_mult: float) -> torch.Tensor:
+    if not base.is_floating_point() or base.numel() == 0:
+        return base
+    x = base.float()
+    std = float(x.std()) if x.numel() > 1 else abs(float(x.reshape(-1)[0])) * 0.05 or 1e-3
+    gen = torch.Generator().manual_seed(_seed(seed, "delta", key))
+    dstd = delta_scale * (std or 1e-3)
+    out = torch.empty_like(x).normal_(0.0, dstd, generator=gen).add_(x)
+    if sparse_frac > 0:
+        picks = torch.rand(x.shape, generator=gen) < sparse_frac
+        out[picks] += torch.empty(int(picks.sum()), dtype=torch.float32).normal_(0.0, dstd * sparse_mult,
+                                                                                 generator=gen)
+    return out
+
+
+def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int = 0, base_seed: int = 0,
+                    dtype: str = "fp16", scale_down: int = 1, drop_optional: bool = False,
+                    delta_scale: float = 0.01, sparse_frac: float = 0.02, sparse_mult: float = 10.0,
+                    frozen: Sequence[str] = (), overwrite: bool = True) -> str:
+    """Write one synthetic checkpoint; a finetune regenerates its base from ``base_seed``."""
+    float_dtype = OUTPUT_TORCH_DTYPES[dtype]
+    entries = synth_entries(arch, scale_down, drop_optional)
+    out_entries = []
+    for e in entries:
+        src = _JSON_DTYPES[e["dtype"]]
+        out_entries.append((e["key"], tuple(e["shape"]), src if not src.is_floating_point else float_dtype))
+    with SafetensorsWriter(path, out_entries, overwrite=overwrite, metadata_reserve=1024) as writer:
+        for e, (key, shape, out_dtype) in zip(entries, out_entries):
+            src = _JSON_DTYPES[e["dtype"]]
+            value = _base_value(key, shape, src, base_seed if role == "finetune" else seed)
+            if role == "finetune" and value.is_floating_point() and e["component"] not in frozen \
+                    and e["component"] not in ("scheduler", "ema"):
+                value = _finetune_value(key, value.to(float_dtype), seed, delta_scale, sparse_frac, sparse_mult)
+            writer.write(key, value.to(out_dtype))
+        writer.commit({"format": "pt", "synthetic": f"{arch} {role} seed={seed} base_seed={base_seed} "
+                                                    f"scale_down={scale_down}"})
+    return os.path.abspath(path)
+
+
+def write_demo_set(folder: str, arch: str = "sd1", n_models: int = 3, scale_down: int = 8,
+                   dtype: str = "fp16") -> list[str]:
+    """A base and n fine-tunes in ``folder`` (skips files that exist)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    specs = [("base", 0)] + [("finetune", i) for i in range(1, n_models + 1)]
+    for role, seed in specs:
+        name = f"demo-{arch}-base.safetensors" if role == "base" else f"demo-{arch}-finetune{seed}.safetensors"
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            write_synthetic(path, arch, role, seed=seed, dtype=dtype, scale_down=scale_down)
+        paths.append(path)
+    return paths
