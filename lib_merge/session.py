@@ -1,0 +1,157 @@
+"""One user's merge state: the current recipe, its in-memory result, save and restore.
+
+The tab (standalone or in a WebUI), the HTTP route and the XYZ script all act
+on one ``MergeSession``: merging keeps the result in RAM so that "Save"
+writes it without merging again, a lock serialises merges, and a
+:class:`HotLoader` (supplied by the WebUI adapter; absent standalone) puts the
+result into the running model and can put the original back.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .api import build_metadata, input_hashes
+from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
+from .errors import MergeError, OutputError
+from .recipe import MergeRecipe
+from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter, check_output_name
+
+
+class HotLoader(Protocol):
+    """What a host (A1111, Forge) provides to swap weights in the running model."""
+
+    def load(self, state: dict[str, torch.Tensor], name: str, recipe_hash: str, recipe: MergeRecipe) -> None:
+        """Put merged weights into the running model; on failure restore what was loaded and raise."""
+
+    def restore(self) -> str:
+        """Put back the checkpoint that was loaded before the first merge; returns its name."""
+
+
+@dataclass
+class MergeResult:
+    recipe: MergeRecipe
+    state: dict[str, torch.Tensor]
+    dtype: str
+    report: MergeReport
+    recipe_hash: str
+    inputs: dict[str, dict]
+    merged_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        """Display name of the merge (infotext, checkpoint list): method + recipe hash."""
+        return f"dare-merge-{self.recipe.resolved().method}-{self.recipe_hash}"
+
+
+class MergeSession:
+    """Serialised merges with an in-memory result, for UIs and the HTTP route."""
+
+    def __init__(self, models_dir: str, hot_loader: HotLoader | None = None,
+                 device: str | None = None, refresh_models: Callable[[], None] | None = None) -> None:
+        self.models_dir = models_dir
+        self.hot_loader = hot_loader
+        self.device = device or default_device()
+        self.refresh_models = refresh_models
+        self.lock = threading.Lock()
+        self.result: MergeResult | None = None
+        self.cancel_token: CancelToken | None = None
+        self.merges_performed = 0
+        self.last_message = "idle"
+        self.hot_loaded = False
+
+    # -- merge
+    def merge(self, recipe: MergeRecipe, dtype: str = "fp16", device: str | None = None,
+              hot_load: bool = True, progress: Callable[[Progress], None] | None = None,
+              inputs: dict[str, dict] | None = None) -> MergeResult:
+        """Merge into memory (and hot-load when a loader is present); one merge at a time."""
+        with self.lock:
+            self.cancel_token = CancelToken()
+            started = time.perf_counter()
+            plan = MergePlan(recipe, dtype)
+            try:
+                state = dict(iter_merge(plan, device or self.device, progress, self.cancel_token,
+                                        own_memory=True))
+            finally:
+                plan.close()
+                self.cancel_token = None
+            inputs = inputs if inputs is not None else input_hashes(plan.recipe)
+            result = MergeResult(plan.recipe, state, dtype, plan.report, plan.recipe.recipe_hash(inputs), inputs)
+            self.merges_performed += 1
+            if hot_load and self.hot_loader is not None:
+                self.hot_loader.load(state, result.name, result.recipe_hash, plan.recipe)
+                self.hot_loaded = True
+            self.result = result
+            plan.report.seconds = time.perf_counter() - started
+            self.last_message = plan.report.summary()
+            return result
+
+    def cancel(self) -> bool:
+        token = self.cancel_token
+        if token is None:
+            return False
+        token.cancel()
+        return True
+
+    # -- save
+    def save(self, name: str, dtype: str = "fp16", overwrite: bool = False,
+             recipe: MergeRecipe | None = None) -> str:
+        """Write the current result (merging only if it is missing or not ``recipe``)."""
+        filename = check_output_name(name)
+        path = os.path.join(self.models_dir, filename)
+        if os.path.exists(path) and not overwrite:
+            raise OutputError("exists already; tick 'overwrite' or choose another name", path)
+        with self.lock:
+            result = self.result
+        if result is None or (recipe is not None and recipe.resolved() != result.recipe):
+            if recipe is None:
+                raise MergeError("nothing merged yet: merge first, then save")
+            result = self.merge(recipe, dtype=dtype, hot_load=False)
+        with self.lock:
+            _write_state(path, result, dtype, overwrite)
+        if self.refresh_models is not None:
+            self.refresh_models()
+        self.last_message = f"saved {path}"
+        return path
+
+    def restore(self) -> str:
+        if self.hot_loader is None:
+            raise MergeError("nothing to restore: no model is hot-loaded outside a WebUI")
+        with self.lock:
+            name = self.hot_loader.restore()
+            self.hot_loaded = False
+            self.last_message = f"restored {name}"
+            return name
+
+    def status(self) -> dict:
+        r = self.result
+        return {"busy": self.lock.locked(), "merges_performed": self.merges_performed,
+                "message": self.last_message, "hot_loaded": self.hot_loaded,
+                "current": None if r is None else {"name": r.name, "recipe_hash": r.recipe_hash,
+                                                    "recipe": r.recipe.params_dict(),
+                                                    "base": os.path.basename(r.recipe.base),
+                                                    "models": [os.path.basename(m) for m in r.recipe.models]}}
+
+
+def _write_state(path: str, result: MergeResult, dtype: str, overwrite: bool) -> None:
+    torch_dtype = OUTPUT_TORCH_DTYPES[dtype]
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch_dtype) if t.is_floating_point() and t.dtype != torch_dtype and t.dtype in (
+            torch.float16, torch.bfloat16, torch.float32) and _merged_dtype(result, t) else t
+
+    entries = [(k, tuple(t.shape), cast(t).dtype) for k, t in result.state.items()]
+    with SafetensorsWriter(path, entries, overwrite=overwrite) as writer:
+        for key, tensor in result.state.items():
+            writer.write(key, cast(tensor))
+        writer.commit(build_metadata(result.recipe, result.inputs, dtype))
+
+
+def _merged_dtype(result: MergeResult, tensor: torch.Tensor) -> bool:
+    # Keys the merge produced in its output dtype follow the save dtype; others keep theirs.
+    return tensor.dtype == OUTPUT_TORCH_DTYPES[result.dtype]
