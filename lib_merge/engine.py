@@ -26,7 +26,7 @@ from .recipe import MergeRecipe
 from .writer import OUTPUT_TORCH_DTYPES
 
 INPAINT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
-CPU_CHUNK = 1 << 18
+CPU_CHUNK = 1 << 16
 CUDA_CHUNK = 1 << 24
 CHUNK_BUDGET = 1 << 23  # elements held across all models of one chunk
 
@@ -263,6 +263,7 @@ class KeyMerger:
         n_models = max(1, len(plan.models))
         self.chunk = max(1 << 12, min(base_chunk, CHUNK_BUDGET // n_models)) if chunk is None else chunk
         self.hasher = MaskHasher(self.device, max_chunk=min(self.chunk, 1 << 20))
+        self.workspace = kernels.Workspace(n_models, self.chunk, self.device)
 
     def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
         plan = self.plan
@@ -312,8 +313,8 @@ class KeyMerger:
             theta0 = self._dev(base[start:stop])
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
-                result = kernels.delta_merge(theta0, thetas, weights, params, masks, thresholds or None,
-                                             start, nonfinite=bad)
+                result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
+                                                   thresholds or None, start, nonfinite=bad)
             elif spec.kind == "weighted_sum":
                 result = kernels.weighted_sum(theta0, thetas, weights, params.alpha)
             else:

@@ -19,6 +19,11 @@ import torch
 from .arch import reference_keys
 from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter
 
+_SCHEDULE_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                  "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                  "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                  "posterior_mean_coef1", "posterior_mean_coef2"}
+_FIXED_DTYPE_COMPONENTS = ("scheduler", "ema")
 _JSON_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "int64": torch.int64, "int32": torch.int32}
 
@@ -38,7 +43,34 @@ def synth_entries(arch: str, scale_down: int = 1, drop_optional: bool = False) -
     return out
 
 
+def ldm_schedule(n: int, linear_start: float = 0.00085, linear_end: float = 0.012) -> dict[str, torch.Tensor]:
+    """The DDPM buffers LDM stores in SD1/SD2 checkpoints ("linear" schedule), in float64.
+
+    A WebUI samples with ``alphas_cumprod`` from the file, so these must be
+    the real values even in a synthetic checkpoint.
+    """
+    betas = torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n, dtype=torch.float64) ** 2
+    alphas = 1.0 - betas
+    ac = torch.cumprod(alphas, 0)
+    ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    return {
+        "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
+        "sqrt_alphas_cumprod": ac.sqrt(), "sqrt_one_minus_alphas_cumprod": (1.0 - ac).sqrt(),
+        "log_one_minus_alphas_cumprod": (1.0 - ac).log(), "sqrt_recip_alphas_cumprod": (1.0 / ac).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / ac - 1).sqrt(), "posterior_variance": post_var,
+        "posterior_log_variance_clipped": post_var.clamp_min(1e-20).log(),
+        "posterior_mean_coef1": betas * ac_prev.sqrt() / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac),
+    }
+
+
 def _base_value(key: str, shape: Sequence[int], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    if key in _SCHEDULE_KEYS:
+        return ldm_schedule(shape[0])[key].to(dtype).reshape(shape)
+    if key.startswith("model_ema.") or key.endswith("logit_scale"):
+        value = 0.9999 if key == "model_ema.decay" else math.log(100.0)
+        return torch.full(shape, value, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
     if not dtype.is_floating_point:
         n = math.prod(shape)
         return torch.arange(n, dtype=dtype).reshape(shape) if key.endswith("position_ids") \
@@ -79,13 +111,14 @@ def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int 
     out_entries = []
     for e in entries:
         src = _JSON_DTYPES[e["dtype"]]
-        out_entries.append((e["key"], tuple(e["shape"]), src if not src.is_floating_point else float_dtype))
+        keep = not src.is_floating_point or e["component"] in _FIXED_DTYPE_COMPONENTS
+        out_entries.append((e["key"], tuple(e["shape"]), src if keep else float_dtype))
     with SafetensorsWriter(path, out_entries, overwrite=overwrite, metadata_reserve=1024) as writer:
         for e, (key, shape, out_dtype) in zip(entries, out_entries):
             src = _JSON_DTYPES[e["dtype"]]
             value = _base_value(key, shape, src, base_seed if role == "finetune" else seed)
             if role == "finetune" and value.is_floating_point() and e["component"] not in frozen \
-                    and e["component"] not in ("scheduler", "ema"):
+                    and e["component"] not in _FIXED_DTYPE_COMPONENTS and not key.endswith("logit_scale"):
                 value = _finetune_value(key, value.to(float_dtype), seed, delta_scale, sparse_frac, sparse_mult)
             writer.write(key, value.to(out_dtype))
         writer.commit({"format": "pt", "synthetic": f"{arch} {role} seed={seed} base_seed={base_seed} "

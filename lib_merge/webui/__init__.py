@@ -1,0 +1,137 @@
+"""The extension inside AUTOMATIC1111 1.10 / Forge 2: one session, one host adapter, one hot-loader.
+
+``scripts/dare_merge.py`` (the only WebUI entry point) wires the callbacks
+below into ``script_callbacks``; the tab, the HTTP route and the XYZ axes all
+act on the process-wide :func:`get_session`, whose hot-loader is the host's.
+Importing this package needs no WebUI; calling into it does.
+
+For the XYZ script: :func:`hot_load_recipe` merges only when the recipe's
+hash differs from the merge already in the model, and must be called from
+inside a generation (which holds the queue lock) or under :func:`host.exclusive`.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from ..api import input_hashes
+from ..engine import Progress
+from ..recipe import MergeRecipe
+from ..session import MergeResult, MergeSession
+from . import host
+
+_lock = threading.Lock()
+_session: MergeSession | None = None
+_host: host.WebUIHost | None = None
+
+
+def get_session() -> MergeSession:
+    """The process-wide merge session (created on first use; its hot_loader is this host's)."""
+    global _session
+    with _lock:
+        if _session is None:
+            from .hotload import make_hot_loader
+            loader = make_hot_loader()
+            loader.registry.install()
+            _session = MergeSession(host.models_dir(), hot_loader=loader, device=host.merge_device(),
+                                    refresh_models=host.refresh_checkpoints)
+        return _session
+
+
+def get_host() -> host.WebUIHost:
+    """The tab's :class:`~lib_merge.ui.host.TabHost` for this WebUI."""
+    global _host
+    session = get_session()
+    with _lock:
+        if _host is None:
+            _host = host.WebUIHost(session)
+        return _host
+
+
+def hot_load_recipe(recipe: MergeRecipe, dtype: str | None = None, device: str | None = None,
+                    progress: Callable[[Progress], None] | None = None) -> MergeResult:
+    """Make ``recipe``'s merge the running model; merge only if it is not already there.
+
+    Same recipe hash as the loaded merge: nothing happens.  Same hash as the
+    session's in-memory result that is not loaded (after a "Restore"): it is
+    loaded without merging.  Otherwise a merge runs on the WebUI's device.
+    """
+    session = get_session()
+    loader = session.hot_loader
+    inputs = input_hashes(recipe)
+    wanted = recipe.recipe_hash(inputs)
+    current = session.result
+    if current is not None and current.recipe_hash == wanted:
+        if loader.loaded_recipe_hash() == wanted:
+            return current
+        with session.lock:
+            loader.load(current.state, current.name, current.recipe_hash, current.recipe)
+            session.hot_loaded = True
+        return current
+
+    def report(event: Progress) -> None:
+        host.mirror_progress(event, session.cancel)
+        if progress is not None:
+            progress(event)
+
+    return session.merge(recipe, dtype=dtype or host.merge_precision(), device=device or host.merge_device(),
+                         hot_load=True, progress=report, inputs=inputs)
+
+
+def status(with_fingerprint: bool = False) -> dict:
+    """What the session and the running model look like (the HTTP status route)."""
+    session = get_session()
+    loader = session.hot_loader
+    out = dict(session.status())
+    out.update({
+        "host": host.detect(), "webui_version": host.version(),
+        "loaded_model": loader.loaded_title(), "loaded_recipe_hash": loader.loaded_recipe_hash(),
+        "original": getattr(loader._current(loader.original), "title", None),
+        "settings": {"device": host.merge_device(), "precision": host.merge_precision(),
+                     "cache_mb": host.cache_budget_mb()},
+    })
+    if with_fingerprint:
+        with host.exclusive("DARE merge: fingerprint"):
+            out["fingerprint"] = loader.fingerprint()
+    return out
+
+
+# -- script_callbacks handlers (registered by scripts/dare_merge.py) --------------------
+
+def on_ui_tabs():
+    """The "DARE Merge" tab, built by lib_merge.ui.tab over this WebUI's host."""
+    from ..ui import tab
+    blocks = tab.build_tab(get_host())
+    return [(blocks, "DARE Merge", "dare_merge")]
+
+
+def on_ui_settings() -> None:
+    host.add_settings()
+
+
+def on_app_started(_demo, app) -> None:
+    from .api import register
+    register(app)
+
+
+def on_script_unloaded() -> None:
+    """Undo the hooks before the scripts are re-executed (they are installed again then)."""
+    from .hotload import Registry
+    Registry.uninstall()
+    if host.detect() == host.FORGE:
+        from .hotload_forge import uninstall_reload_guard
+        uninstall_reload_guard()
+
+
+def install_hooks() -> None:
+    """Install the checkpoint-list (and Forge reload) hooks for an existing session."""
+    session = get_session()
+    loader = session.hot_loader
+    if hasattr(loader, "install"):
+        loader.install()
+    else:
+        loader.registry.install()
+
+
+__all__ = ["get_session", "get_host", "hot_load_recipe", "status", "on_ui_tabs", "on_ui_settings",
+           "on_app_started", "on_script_unloaded", "install_hooks"]

@@ -1,0 +1,226 @@
+"""HTTP routes inside the WebUI: merge (hot-load and/or save), status, restore, cancel.
+
+Registered from ``script_callbacks.on_app_started`` when the WebUI serves its
+API (``--api`` or ``--nowebui``), the same condition as A1111's own
+``/sdapi/v1`` routes, and behind the same HTTP basic auth when
+``--api-auth user:pass[,user2:pass2]`` is given (checked as
+``modules/api/api.py`` checks it).  Bodies and answers are plain JSON (no
+pydantic models: A1111 ships pydantic 1, Forge pydantic 2).
+
+``POST /dare-merge/v1/merge`` body::
+
+    {"base": "<checkpoint title, name or hash>", "models": ["...", ...],
+     "method": "dare_ties", "p": 0.5, "k": 1.0, "alpha": 1.0, "lam": 1.0, "vote_sgn": false,
+     "seed": 42, "weights": [1, 1], "merge": "mean", "alpha_unet": null, "alpha_te": null,
+     "block_alpha": null, "block_p": null, "block_k": null, "vae": "base",
+     "on_mismatch": "error", "allow_nonfinite": false,
+     "hot_load": true, "dtype": "auto", "device": "auto",
+     "save": false, "save_name": "my-merge", "save_dtype": "fp16", "overwrite": false}
+
+The merge waits for the WebUI's queue lock (so never runs during a
+generation), merges are serialised, and errors come back as
+``{"error": "<one line naming the file/key>", "type": "<ErrorClass>"}`` with
+status 400 (409 when cancelled).
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+
+from ..errors import MergeCancelled, MergeError, OutputError, ParameterError
+from ..recipe import MergeRecipe
+from ..writer import OUTPUT_TORCH_DTYPES, check_output_name
+from . import host
+
+PREFIX = "/dare-merge/v1"
+RECIPE_FIELDS = ("method", "p", "k", "alpha", "lam", "vote_sgn", "seed", "weights", "merge", "alpha_unet",
+                 "alpha_te", "block_alpha", "block_p", "block_k", "vae", "on_mismatch", "allow_nonfinite")
+OPTION_FIELDS = ("base", "models", "hot_load", "dtype", "device", "save", "save_name", "save_dtype", "overwrite")
+
+
+def api_enabled() -> bool:
+    from modules import shared
+    opts = shared.cmd_opts
+    return bool(getattr(opts, "api", False) or getattr(opts, "nowebui", False))
+
+
+def auth_dependencies() -> list:
+    """``[Depends(check)]`` when ``--api-auth`` is set, as the WebUI's own API does; else none."""
+    from modules import shared
+    spec = getattr(shared.cmd_opts, "api_auth", None)
+    if not spec:
+        return []
+    from secrets import compare_digest
+
+    from fastapi import Depends, HTTPException
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    credentials = {}
+    for pair in spec.split(","):
+        user, _, password = pair.strip().partition(":")
+        credentials[user] = password
+
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> bool:
+        expected = credentials.get(given.username)
+        if expected is not None and compare_digest(given.password, expected):
+            return True
+        raise HTTPException(status_code=401, detail="Incorrect username or password",
+                            headers={"WWW-Authenticate": "Basic"})
+
+    return [Depends(check)]
+
+
+def recipe_from_payload(payload: dict) -> MergeRecipe:
+    """Build and validate a recipe from a JSON body (checkpoint names resolved in the WebUI's list)."""
+    if not isinstance(payload, dict):
+        raise ParameterError("the request body must be a JSON object")
+    unknown = sorted(set(payload) - set(RECIPE_FIELDS) - set(OPTION_FIELDS))
+    if unknown:
+        raise ParameterError(f"unknown field(s): {', '.join(unknown)}")
+    models = payload.get("models")
+    if isinstance(models, str):
+        models = [models]
+    if not isinstance(models, list) or not models:
+        raise ParameterError("'models' must be a non-empty list of checkpoint names")
+    base = host.find_checkpoint(str(payload.get("base") or "")).filename
+    paths = [host.find_checkpoint(str(m)).filename for m in models]
+    kwargs = {k: payload[k] for k in RECIPE_FIELDS if k in payload and payload[k] is not None}
+    kwargs.setdefault("method", "dare_ties")
+    try:
+        recipe = MergeRecipe(base=base, models=paths, **kwargs)
+        recipe.validate()
+    except MergeError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ParameterError(f"bad parameter: {exc}") from exc
+    return recipe
+
+
+def _choice(value, choices, auto, what: str) -> str:
+    value = "auto" if value in (None, "") else str(value)
+    if value == "auto":
+        return auto()
+    if value not in choices:
+        raise ParameterError(f"{what} must be one of auto, {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def merge(payload: dict) -> dict:
+    """The body of ``POST /merge``; raises MergeError subclasses for the user's mistakes."""
+    from . import get_session
+    session = get_session()
+    recipe = recipe_from_payload(payload)
+    hot_load = bool(payload.get("hot_load", True))
+    save = bool(payload.get("save", False))
+    if not hot_load and not save:
+        raise ParameterError("nothing to do: set hot_load and/or save")
+    dtype = _choice(payload.get("dtype"), ("fp16", "bf16", "fp32"), host.merge_precision, "dtype")
+    device = _choice(payload.get("device"), ("cpu", "cuda"), host.merge_device, "device")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ParameterError("CUDA is not available in this WebUI; use device cpu or auto")
+    save_name = save_dtype = None
+    overwrite = bool(payload.get("overwrite", False))
+    if save:
+        save_dtype = str(payload.get("save_dtype") or "fp16")
+        if save_dtype not in OUTPUT_TORCH_DTYPES:
+            raise ParameterError(f"save_dtype must be one of {', '.join(OUTPUT_TORCH_DTYPES)}")
+        raw_name = str(payload.get("save_name") or "").strip()
+        if not raw_name:
+            raise ParameterError("save_name is required to save")
+        save_name = check_output_name(raw_name)
+        target = os.path.join(session.models_dir, save_name)
+        if os.path.exists(target) and not overwrite:
+            raise OutputError("exists already; pass overwrite=true or choose another name", target)
+
+    requested = time.time()
+    with host.exclusive("DARE merge (API)") as waited:
+        started = time.time()
+        result = session.merge(recipe, dtype=dtype, device=device, hot_load=hot_load,
+                               progress=lambda event: host.mirror_progress(event, session.cancel))
+        saved = session.save(save_name, save_dtype, overwrite, recipe) if save else None
+        finished = time.time()
+    loader = session.hot_loader
+    return {"name": result.name, "recipe_hash": result.recipe_hash, "hot_loaded": hot_load, "saved": saved,
+            "saved_title": _title_of(saved), "summary": result.report.summary(), "notes": result.report.notes,
+            "seconds": round(result.report.seconds, 3), "device": result.report.device, "dtype": dtype,
+            "waited_s": round(waited, 3), "requested_at": requested, "started_at": started,
+            "finished_at": finished, "loaded_model": loader.loaded_title(),
+            "recipe": result.recipe.params_dict()}
+
+
+def _title_of(path: str | None) -> str | None:
+    if not path:
+        return None
+    real = os.path.realpath(path)
+    for info in host.checkpoint_infos():
+        if os.path.realpath(info.filename) == real:
+            return info.title
+    return None
+
+
+def restore() -> dict:
+    from . import get_session
+    session = get_session()
+    with host.exclusive("DARE merge: restore"):
+        name = session.restore()
+    return {"restored": name, "loaded_model": session.hot_loader.loaded_title()}
+
+
+def _error(exc: BaseException):
+    from fastapi.responses import JSONResponse
+    if isinstance(exc, MergeError):
+        code = 409 if isinstance(exc, MergeCancelled) else 400
+        return JSONResponse(status_code=code, content={"error": str(exc), "type": type(exc).__name__})
+    traceback.print_exc()
+    return JSONResponse(status_code=500, content={"error": f"unexpected error: {type(exc).__name__}: {exc}",
+                                                  "type": type(exc).__name__})
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # every failure becomes a JSON answer
+        return _error(exc)
+
+
+def register(app) -> None:
+    """Add the routes to the WebUI's FastAPI app (``on_app_started``)."""
+    if app is None:
+        return
+    if not api_enabled():
+        print("[dare-merge] HTTP routes not added: start the WebUI with --api to get /dare-merge/v1/*")
+        return
+    from fastapi import Body
+    from . import get_session, status
+    from .hotload import FAULTS, test_hooks_enabled
+    deps = auth_dependencies()
+    existing = {getattr(r, "path", None) for r in getattr(app, "routes", [])}
+    if f"{PREFIX}/merge" in existing:
+        return
+
+    def merge_route(payload: dict = Body(...)):
+        return _guard(merge, payload)
+
+    def status_route(fingerprint: bool = False):
+        return _guard(status, fingerprint)
+
+    def restore_route():
+        return _guard(restore)
+
+    def cancel_route():
+        return {"cancelled": get_session().cancel()}
+
+    app.add_api_route(f"{PREFIX}/merge", merge_route, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/status", status_route, methods=["GET"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/restore", restore_route, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/cancel", cancel_route, methods=["POST"], dependencies=deps)
+    if test_hooks_enabled():
+        def fault_route(payload: dict = Body(...)):
+            return _guard(lambda: (FAULTS.arm(int(payload.get("after", 100))), {"armed": True})[1])
+
+        app.add_api_route(f"{PREFIX}/test/fail-next-hot-load", fault_route, methods=["POST"], dependencies=deps)
+
+
+__all__ = ["register", "merge", "restore", "recipe_from_payload", "auth_dependencies", "api_enabled", "PREFIX"]

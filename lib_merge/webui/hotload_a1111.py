@@ -1,0 +1,246 @@
+"""Hot-load on AUTOMATIC1111 1.10: swap merged weights into the running model in place.
+
+Design (why not ``load_model(already_loaded_state_dict=...)``): that path
+throws the running model away (to the meta device) before it builds a new
+one, so a failure half-way leaves no model to go back to, and with
+lowvram/medvram it is the origin of the "Cannot copy out of meta tensor"
+reports other mergers have.  Instead this loader walks the exact steps A1111
+itself takes when the user switches between two checkpoints of the same
+architecture (``reload_model_weights``'s in-place branch)::
+
+    sd_unet.apply_unet("None"); send_model_to_cpu; model_hijack.undo_hijack
+    load_model_weights(model, <merge's CheckpointInfo>, <merged state dict>)
+    model_hijack.hijack; model.to(device) unless lowvram; model_loaded_callback
+    model_data.set_sd_model; sd_unet.apply_unet()
+
+``load_model_weights`` is A1111's own: it copies through
+``model.load_state_dict`` (the Lora extension patches every module's
+``_load_from_state_dict`` to drop ``network_weights_backup`` /
+``network_bias_backup``, so a later LoRA change cannot write stale weights
+back), then applies ``--no-half``/half, ``--no-half-vae``,
+``--upcast-sampling``, fp8 storage with its fp16 caches, the VAE choice and
+the alpha schedule exactly as for a checkpoint read from disk, and sets
+``sd_model_hash``/``sd_checkpoint_info``/``opts.sd_model_checkpoint``.
+lowvram/medvram hooks stay on the modules, whose weights are on the CPU while
+they are written.  The merge's CheckpointInfo is a new object (see
+:func:`.hotload.merged_info`), which invalidates the prompt cache; the class
+level cond cache and the model's empty-prompt cond are recomputed too.
+
+If anything fails after the first weight was written, the weights that were
+loaded before are put back the same way (from the previous merge's state
+dict, or from the previous checkpoint's file) and a :class:`HotLoadError`
+says so.  A merge whose config (architecture) differs from the loaded
+model's first switches to its base checkpoint with A1111's own
+``reload_model_weights``, then loads in place.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from ..errors import MergeError
+from . import host
+from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, fingerprint, install_module_fault,
+                      merged_info, recipe_doc)
+
+
+class A1111HotLoader:
+    """``lib_merge.session.HotLoader`` for AUTOMATIC1111 1.10."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        self.registry.set_loaded_check(self._info_is_loaded)
+        self.original = None          # the real checkpoint to go back to
+        self.loaded_state = None      # state dict of the merge now in the model
+        self.lock = threading.RLock()
+
+    # -- queries
+    @staticmethod
+    def _model():
+        from modules import sd_models
+        return sd_models.model_data.sd_model
+
+    @staticmethod
+    def _info_is_loaded(info) -> bool:
+        from modules import sd_models
+        data = sd_models.model_data
+        models = [data.sd_model, *getattr(data, "loaded_sd_models", [])]
+        return any(m is not None and getattr(m, "sd_checkpoint_info", None) is info for m in models)
+
+    def loaded_recipe_hash(self) -> str | None:
+        """Recipe hash of the merge in the running model, if one is."""
+        model = self._model()
+        info = getattr(model, "sd_checkpoint_info", None)
+        return info.dare_merge["recipe_hash"] if host.is_merged_info(info) else None
+
+    def loaded_title(self) -> str | None:
+        info = getattr(self._model(), "sd_checkpoint_info", None)
+        return getattr(info, "title", None)
+
+    def fingerprint(self) -> str:
+        model = self._model()
+        if model is None:
+            raise MergeError("no model is loaded")
+        return fingerprint([*model.named_parameters(), *model.named_buffers()])
+
+    # -- HotLoader
+    def load(self, state: dict[str, torch.Tensor], name: str, recipe_hash: str, recipe) -> None:
+        from modules import sd_models, sd_models_config, shared
+        with self.lock:
+            self.registry.install()
+            base_info = self._base_info(recipe.base)
+            state = sd_models.get_state_dict_from_checkpoint(dict(state))  # A1111's key fix-ups, on a copy
+            config = sd_models_config.find_checkpoint_config(state, base_info)
+            model = shared.sd_model  # waits for a model still loading at startup
+            before = getattr(model, "sd_checkpoint_info", None)
+            if model is None or getattr(model, "used_config", None) != config:
+                self._switch_to(base_info, model)
+                model = self._model()
+                if model is None or getattr(model, "used_config", None) != config:
+                    raise HotLoadError(f"could not load the base checkpoint {base_info.title} to hot-load into")
+            prev_info = model.sd_checkpoint_info
+            prev_state = self.loaded_state if host.is_merged_info(prev_info) else None
+            info = merged_info(base_info, name, recipe_hash, recipe_doc(recipe), host.models_dir())
+            self._swap(model, info, state, prev_info, prev_state)
+            self._remember_original(before, base_info)
+            self.loaded_state = state
+            self.registry.register(info)
+
+    def restore(self) -> str:
+        from modules import sd_models, shared
+        with self.lock:
+            original = self._current(self.original)
+            if original is None:
+                raise MergeError("nothing to restore: no merge has been hot-loaded in this session")
+            if not os.path.exists(original.filename):
+                raise MergeError("the checkpoint that was loaded before the merge is gone", original.filename)
+            model = self._model()
+            if model is None or getattr(model.sd_checkpoint_info, "filename", None) != original.filename \
+                    or host.is_merged_info(model.sd_checkpoint_info):
+                sd_models.reload_model_weights(info=original)
+                model = self._model()
+            self._drop_other_merged_models(model)
+            self.registry.unregister()
+            self.loaded_state = None
+            shared.opts.data["sd_model_checkpoint"] = original.title
+            self._after_weights_changed(model)
+            return original.title
+
+    # -- steps
+    def _switch_to(self, info, model) -> None:
+        """Load a real checkpoint with A1111's own code (architecture change, or no model)."""
+        from modules import sd_models
+        sd_models.reload_model_weights(info=info)
+        self.loaded_state = None
+
+    def _swap(self, model, info, state, prev_info, prev_state) -> None:
+        from modules import devices, script_callbacks, sd_hijack, sd_models, sd_unet
+        from modules.timer import Timer
+        timer = Timer()
+        touched = False
+        sd_unet.apply_unet("None")
+        sd_models.send_model_to_cpu(model)
+        sd_hijack.model_hijack.undo_hijack(model)
+        try:
+            self._preflight(model, state)
+            hooks = install_module_fault(_leaf_modules(model), FAULTS.take())
+            try:
+                touched = True
+                sd_models.load_model_weights(model, info, state, timer)
+            finally:
+                for handle in hooks:
+                    handle.remove()
+        except BaseException as exc:
+            if not touched:
+                raise
+            detail = f"{type(exc).__name__}: {exc}"
+            try:
+                sd_models.load_model_weights(model, prev_info, prev_state, timer)
+            except BaseException as again:
+                raise HotLoadError(f"hot-load failed ({detail}) and putting back {prev_info.title} failed too "
+                                   f"({again}); load a checkpoint from the list") from exc
+            raise HotLoadError(f"hot-load failed ({detail}); the weights loaded before "
+                               f"({prev_info.title}) were put back") from exc
+        finally:
+            sd_models.checkpoints_loaded.pop(info, None)  # never cache a merge as if it were a file
+            sd_hijack.model_hijack.hijack(model)
+            if not getattr(model, "lowvram", False):
+                model.to(devices.device)
+            script_callbacks.model_loaded_callback(model)
+            sd_models.model_data.set_sd_model(model)
+            sd_unet.apply_unet()
+            self._after_weights_changed(model)
+
+    @staticmethod
+    def _preflight(model, state) -> None:
+        """Refuse before writing anything when the merge does not fit the loaded model."""
+        own = model.state_dict()
+        common = [k for k in state if k in own]
+        for key in common:
+            if tuple(own[key].shape) != tuple(state[key].shape):
+                raise HotLoadError(f"shape {list(state[key].shape)} does not fit the loaded model's "
+                                   f"{list(own[key].shape)}", key=key)
+        params = [k for k, _ in model.named_parameters()]
+        covered = sum(1 for k in params if k in state)
+        if not params or covered < 0.9 * len(params):
+            raise HotLoadError(f"the merge covers only {covered} of the loaded model's {len(params)} "
+                               "parameters; it is not the same architecture")
+
+    @staticmethod
+    def _after_weights_changed(model) -> None:
+        from modules import devices, sd_models
+        clear_prompt_cache()
+        if model is None:
+            return
+        try:
+            with devices.autocast(), torch.no_grad():
+                model.cond_stage_model_empty_prompt = sd_models.get_empty_cond(model)
+        except Exception as exc:  # only used for an optional sampler shortcut
+            print(f"[dare-merge] could not recompute the empty-prompt cond: {exc}")
+
+    @staticmethod
+    def _drop_other_merged_models(keep) -> None:
+        """With sd_checkpoints_limit > 1 a merged model may linger in memory; free it."""
+        from modules import sd_models
+        data = sd_models.model_data
+        for m in list(getattr(data, "loaded_sd_models", [])):
+            if m is not keep and host.is_merged_info(getattr(m, "sd_checkpoint_info", None)):
+                data.loaded_sd_models.remove(m)
+                sd_models.send_model_to_trash(m)
+
+    def _remember_original(self, before, base_info) -> None:
+        """The real checkpoint that "Restore original" goes back to: the one loaded before this merge,
+        unless that was itself a merge (then the one before the first merge stays)."""
+        if before is not None and not host.is_merged_info(before):
+            self.original = before
+        elif self.original is None:
+            self.original = base_info
+
+    @staticmethod
+    def _base_info(path: str):
+        from modules import sd_models
+        real = os.path.realpath(path)
+        for info in host.checkpoint_infos():
+            if os.path.realpath(info.filename) == real:
+                return info
+        return sd_models.CheckpointInfo(path)
+
+    @staticmethod
+    def _current(info):
+        """The listed CheckpointInfo for the same file (refreshes replace the objects)."""
+        if info is None:
+            return None
+        for candidate in host.checkpoint_infos():
+            if candidate.filename == info.filename:
+                return candidate
+        return info
+
+
+def _leaf_modules(model) -> list:
+    """Modules that own parameters, in ``load_state_dict`` order (for the fault hook)."""
+    return [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+__all__ = ["A1111HotLoader"]
