@@ -1,0 +1,219 @@
+"""The X/Y/Z input cache: merges from memory equal merges from disk, tiers obey budgets, entries drop."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from lib_merge import MergeRecipe, merge_to_memory
+from lib_merge import engine
+from lib_merge.api import input_hashes
+from lib_merge.checkpoint import open_checkpoint
+from lib_merge.input_cache import DEVICE_TIER, RAM_TIER, MB, CachedCheckpoint, InputCache, device_key, \
+    engine_reads_from
+from lib_merge.synth import synth_entries, _base_value, _finetune_value
+from lib_merge.writer import SafetensorsWriter
+
+# A slice of the real SD1 key set: enough for architecture detection and every component.
+KEEP = ("model.diffusion_model.input_blocks.1.1.", "model.diffusion_model.out.",
+        "cond_stage_model.transformer.text_model.embeddings.", "cond_stage_model.transformer.text_model.final_",
+        "first_stage_model.decoder.conv_out.", "first_stage_model.quant_conv.", "model_ema.decay", "alphas_cumprod")
+UNET_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+VAE_KEY = "first_stage_model.decoder.conv_out.weight"
+
+
+def _write(path: str, role: str, seed: int, scale: float = 0.01) -> str:
+    entries = [e for e in synth_entries("sd1", scale_down=16) if e["key"].startswith(KEEP)]
+    dtypes = {"float32": torch.float16, "float16": torch.float16, "int64": torch.int64}
+    out = [(e["key"], tuple(e["shape"]), dtypes[e["dtype"]]) for e in entries]
+    with SafetensorsWriter(path, out, overwrite=True, metadata_reserve=256) as writer:
+        for e, (key, shape, dtype) in zip(entries, out):
+            value = _base_value(key, shape, torch.float32 if dtype.is_floating_point else dtype, 0)
+            if role == "finetune" and value.is_floating_point():
+                value = _finetune_value(key, value.to(dtype), seed, scale, 0.02, 10.0)
+            writer.write(key, value.to(dtype))
+        writer.commit({"format": "pt", "role": role})
+    return path
+
+
+@pytest.fixture()
+def mini(tmp_path):
+    base = _write(str(tmp_path / "base.safetensors"), "base", 0)
+    models = [_write(str(tmp_path / f"ft{s}.safetensors"), "finetune", s) for s in (1, 2, 3)]
+    return {"dir": str(tmp_path), "base": base, "models": models}
+
+
+def _recipe(mini, **kw):
+    kw.setdefault("method", "dare_ties")
+    kw.setdefault("p", 0.3)
+    kw.setdefault("k", 0.5)
+    return MergeRecipe(base=mini["base"], models=mini["models"][:2], **kw)
+
+
+def _merge(recipe, cache=None):
+    if cache is not None:
+        cache.prepare_recipe(recipe)
+    with engine_reads_from(cache):
+        state, report = merge_to_memory(recipe, out_dtype="fp16", device="cpu")
+    return state
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _total_bytes(paths):
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def test_cached_checkpoint_has_the_checkpoint_interface(mini):
+    cache = InputCache("cpu", ram_budget_mb=64)
+    cached = cache.open(mini["models"][0])
+    disk = open_checkpoint(mini["models"][0])
+    assert isinstance(cached, CachedCheckpoint)
+    assert (cached.path, cached.name, cached.metadata, cached.arch) == (disk.path, disk.name, disk.metadata, "sd1")
+    assert cached.keys() == disk.keys() and cached.shapes() == disk.shapes()
+    assert UNET_KEY in cached and "nope" not in cached
+    assert cached.info(UNET_KEY) == disk.info(UNET_KEY)
+    assert cached.file_size == disk.file_size
+    for key in (UNET_KEY, VAE_KEY):
+        assert torch.equal(cached.tensor(key), disk.tensor(key))
+        assert torch.equal(cached.flat(key), disk.flat(key))  # second read: from memory
+    cached.close()  # a plan closing its inputs must not take them from the next cell
+    assert torch.equal(cached.tensor(UNET_KEY), disk.tensor(UNET_KEY))
+    assert cache.stats().hits >= 2
+    disk.close()
+
+
+def test_cells_from_the_cache_equal_merges_from_disk(mini):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    cells = [_recipe(mini, p=p, alpha=a) for p in (0.2, 0.6) for a in (0.5, 1.0)]
+    cells.append(_recipe(mini, method="weighted_sum", alpha=0.4))
+    cells.append(_recipe(mini, method="ties_soup", k=1.0, p=0.0))
+    for i, recipe in enumerate(cells):
+        _same(_merge(recipe, cache), _merge(recipe))
+        stats = cache.stats()
+        if i == 0:
+            first_misses = stats.misses
+            assert stats.hits == 0 and stats.streamed_bytes == 0
+        else:
+            assert stats.misses == first_misses, "a later cell read the disk"
+    # everything the merges read is in RAM, nothing more than the files hold
+    assert 0 < stats.ram_bytes <= _total_bytes([mini["base"], *mini["models"][:2]])
+    assert stats.device_bytes == 0 and stats.device_budget == 0  # on CPU, RAM is the device
+    # EMA keys are never read, so never cached
+    assert cache.tier_of(mini["base"], "model_ema.decay") is None
+    assert cache.tier_of(mini["base"], UNET_KEY) == RAM_TIER
+
+
+def test_cached_inputs_are_not_modified_by_merging(mini):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    recipe = _recipe(mini, method="add_difference", p=0.5, alpha=2.0)
+    for _ in range(2):
+        _merge(recipe, cache)
+    disk = open_checkpoint(mini["models"][0])
+    cached = cache.open(mini["models"][0])
+    for key in disk.keys():
+        assert torch.equal(cached.tensor(key), disk.tensor(key)), key
+
+
+def test_ram_budget_is_respected_and_the_rest_streams(mini):
+    recipe = _recipe(mini)
+    everything = InputCache("cpu", ram_budget_mb=256)
+    _merge(recipe, everything)
+    needed = everything.stats().ram_bytes
+    budget_mb = needed / 3 / MB
+    cache = InputCache("cpu", ram_budget_mb=budget_mb)
+    reference = _merge(recipe)
+    for _ in range(2):
+        _same(_merge(recipe, cache), reference)
+    stats = cache.stats()
+    assert 0 < stats.ram_bytes <= budget_mb * MB
+    assert stats.streamed_bytes > 0
+    # no budget at all: a pure pass-through that still merges right
+    off = InputCache("cpu")
+    assert not off.enabled
+    _same(_merge(recipe, off), reference)
+
+
+def test_device_tier(mini):
+    """UNet/TE keys go to the device within its budget, the rest to RAM; without CUDA it falls back to RAM."""
+    assert device_key(UNET_KEY, merge_vae=False) and not device_key(VAE_KEY, merge_vae=False)
+    assert device_key(VAE_KEY, merge_vae=True) and not device_key("alphas_cumprod", merge_vae=True)
+    recipe = _recipe(mini)
+    reference = _merge(recipe)
+    cache = InputCache("cuda", device_budget_mb=64, ram_budget_mb=64)
+    _same(_merge(recipe, cache), reference)
+    stats = cache.stats()
+    if torch.cuda.is_available():
+        assert stats.device_bytes > 0
+        assert cache.tier_of(mini["base"], UNET_KEY) == DEVICE_TIER
+        assert cache.tier_of(mini["base"], VAE_KEY) == RAM_TIER
+    else:
+        # this CPU build cannot allocate on cuda: the cache notices once and keeps everything in RAM
+        assert stats.device_bytes == 0 and stats.ram_bytes > 0
+        assert cache.tier_of(mini["base"], UNET_KEY) == RAM_TIER
+    _same(_merge(recipe, cache), reference)
+
+
+def test_changing_models_drops_the_others(mini):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    _merge(_recipe(mini), cache)
+    assert sorted(cache.cached_files()) == sorted(os.path.realpath(p) for p in [mini["base"], *mini["models"][:2]])
+    before = cache.stats().ram_bytes
+    other = MergeRecipe("dare_ties", mini["base"], [mini["models"][2]], p=0.3, k=0.5)
+    cache.prepare_recipe(other)
+    assert sorted(cache.cached_files()) == [os.path.realpath(mini["base"])]
+    assert cache.stats().ram_bytes < before
+    _same(_merge(other, cache), _merge(other))
+    cache.drop()
+    assert cache.cached_files() == [] and cache.stats().ram_bytes == 0
+
+
+def test_a_file_rewritten_on_disk_is_reread(mini):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    recipe = _recipe(mini)
+    old = _merge(recipe, cache)
+    time.sleep(0.01)
+    _write(mini["models"][0], "finetune", 99, scale=0.05)   # same name, new content
+    new_disk = _merge(recipe)
+    assert not torch.equal(new_disk[UNET_KEY], old[UNET_KEY])
+    _same(_merge(recipe, cache), new_disk)
+
+
+def test_budget_change_drops_tensors_but_keeps_serving(mini):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    recipe = _recipe(mini)
+    reference = _merge(recipe, cache)
+    cache.configure(ram_budget_mb=128)
+    assert cache.stats().ram_bytes == 0
+    _same(_merge(recipe, cache), reference)
+    assert cache.stats().ram_bytes > 0
+
+
+def test_input_hashes_are_the_apis_and_follow_the_file(mini):
+    cache = InputCache("cpu", ram_budget_mb=64)
+    recipe = _recipe(mini)
+    cache.prepare_recipe(recipe)
+    for path in [recipe.base, *recipe.models]:
+        cache.open(path)
+    assert cache.input_hashes(recipe.base, recipe.models) == input_hashes(recipe)
+    time.sleep(0.01)
+    _write(mini["models"][1], "finetune", 42)
+    assert cache.input_hashes(recipe.base, recipe.models) == input_hashes(recipe)
+
+
+def test_engine_bridge_restores_the_opener_even_on_error(mini):
+    cache = InputCache("cpu", ram_budget_mb=64)
+    original = engine.open_checkpoint
+    with pytest.raises(RuntimeError):
+        with engine_reads_from(cache):
+            assert engine.open_checkpoint == cache.open
+            raise RuntimeError("boom")
+    assert engine.open_checkpoint is original
+    with engine_reads_from(InputCache("cpu")):   # a cache with no budget changes nothing
+        assert engine.open_checkpoint is original
