@@ -68,15 +68,16 @@ def cmd_merge(a: argparse.Namespace) -> int:
     recipe = _recipe_from_args(a)
     cancel = CancelToken()
     bar = None
-    if not a.quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=None, unit="B", unit_scale=True, desc="merging", file=sys.stderr, mininterval=0.5)
 
     def progress(ev: Progress) -> None:
-        if bar is not None:
-            if bar.total != ev.bytes_total:
-                bar.total = ev.bytes_total
-            bar.update(ev.bytes_done - bar.n)
+        nonlocal bar
+        if a.quiet:
+            return
+        if bar is None:  # created at the first key, so refused inputs print only the error line
+            from tqdm import tqdm
+            bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc="merging", file=sys.stderr,
+                       mininterval=0.5)
+        bar.update(ev.bytes_done - bar.n)
 
     try:
         report = merge_to_file(recipe, a.out, out_dtype=a.dtype, overwrite=a.overwrite,
