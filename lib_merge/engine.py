@@ -22,6 +22,7 @@ from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, co
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
 from .masks import MaskHasher, mask_salt
+from .select import kth_smallest
 from .recipe import MergeRecipe
 from .writer import OUTPUT_TORCH_DTYPES
 
@@ -319,9 +320,9 @@ class KeyMerger:
                 result = kernels.weighted_sum(theta0, thetas, weights, params.alpha)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
-            cast = result.to(task.dtype)
-            if not bad and not bool(torch.isfinite(cast).all()):
+            if not bad and not _fits(result, task.dtype):
                 bad.append("the result")
+            cast = result.to(task.dtype)
             if bad:
                 self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], bad[0])
             out[start:stop].copy_(cast)
@@ -331,15 +332,18 @@ class KeyMerger:
                    params: kernels.DeltaParams, cancel: CancelToken | None) -> torch.Tensor:
         """Trim threshold of one model's whole (DARE-dropped) delta: one tensor of memory."""
         n = base.numel()
-        delta = torch.empty(n, dtype=torch.float32, device=self.device)
+        magnitude = torch.empty(n, dtype=torch.float32, device=self.device)
+        theta0 = self.workspace.theta0
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
             stop = min(n, start + self.chunk)
-            part = kernels.task_delta(self._dev(model[start:stop]), self._dev(base[start:stop]))
+            part = magnitude[start:stop]
+            part.copy_(self._dev(model[start:stop]))
+            part.sub_(theta0[:stop - start].copy_(self._dev(base[start:stop])))
             kernels.dare_drop_(part, mask, start, params.p)
-            delta[start:stop] = part
-        return kernels.trim_threshold(delta, params.k)
+            part.abs_()
+        return kth_smallest(magnitude, kernels.trim_rank(n, params.k))
 
     def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor], where: str) -> None:
         plan = self.plan
@@ -391,6 +395,15 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
             progress(Progress(index + 1, len(plan.tasks), done_bytes, total_bytes, task.key,
                               time.perf_counter() - started))
     report.seconds = time.perf_counter() - started
+
+
+def _fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
+    """No NaN/Inf now, and none after casting to ``dtype`` (one fused min/max pass)."""
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    limit = torch.finfo(dtype).max
+    return bool((low >= -limit) & (high <= limit))  # False for NaN too
 
 
 def _numel(shape: Sequence[int]) -> int:

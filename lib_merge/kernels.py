@@ -185,7 +185,22 @@ class Workspace:
         self.count = torch.empty(chunk, dtype=torch.float32, device=device)
         self.vote = torch.empty(chunk, dtype=torch.float32, device=device)
         self.scratch = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.flags = torch.empty(chunk, dtype=torch.bool, device=device)
+        self.bits = torch.empty(chunk, dtype=torch.int32, device=device)
+
+
+def trim_bits_(tau: torch.Tensor, threshold: torch.Tensor, bits: torch.Tensor) -> None:
+    """Step 3 on the float bit patterns: same result as :func:`trim_`, without a mask tensor.
+
+    For non-negative floats the int32 bit patterns order like the values, so
+    |tau| >= thr  <=>  (bits(|tau|) - bits(thr)) >= 0; ``(bits(thr) - 1 - bits(|tau|)) >> 31``
+    is then all ones exactly where tau is kept, and an AND clears the others.
+    """
+    thr_bits = int(threshold.to(torch.float32).reshape(1).view(torch.int32).item())
+    torch.bitwise_and(tau.view(torch.int32), 0x7FFFFFFF, out=bits)
+    bits.neg_()
+    bits.add_(thr_bits - 1)
+    bits.bitwise_right_shift_(31)
+    tau.view(torch.int32).bitwise_and_(bits)
 
 
 def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
@@ -212,10 +227,7 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         dare_drop_(tau, masks[t] if masks else None, start, params.p)             # 2
         threshold = thresholds[t] if thresholds is not None else trim_threshold(tau, params.k)
         if threshold is not None:                                                 # 3
-            scratch = ws.scratch[:n]
-            torch.abs(tau, out=scratch)
-            torch.lt(scratch, threshold, out=ws.flags[:n])
-            tau.masked_fill_(ws.flags[:n], 0.0)
+            trim_bits_(tau, threshold, ws.bits[:n])
         weigh_(tau, weights[t])                                                   # 4
         taus.append(tau)
     total = ws.total[:n]

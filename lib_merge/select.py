@@ -1,54 +1,43 @@
-"""Exact k-th smallest value of a large tensor without sorting it.
+"""Exact k-th smallest magnitude of a large tensor without sorting it.
 
 TIES trims each delta at its kk-th smallest magnitude.  ``torch.kthvalue`` is
 exact but slow on big tensors (and very slow on CUDA); ``torch.quantile``
-refuses more than 2^24 elements.  Here a strided sample brackets the answer,
-two counting passes confirm that the bracket holds rank kk, and an exact
-``kthvalue`` runs on the few elements inside the bracket.  When the bracket
-misses (adversarial data), it falls back to a full sort-based select, so the
-answer is always the exact order statistic.
+refuses more than 2^24 elements.  Magnitudes are non-negative floats, whose
+int32 bit patterns sort exactly like the values, so a radix select finds the
+exact order statistic: count the elements per value of the top 11 bits
+(``bincount``), keep only the bin that holds rank kk, and repeat on the next
+10 bits and the last 10.  A few passes over the tensor, the same answer as a
+full sort, on CPU and CUDA alike.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 _SMALL = 1 << 16
-_SAMPLE = 1 << 14
+# (shift, width) of the three digits of a 31-bit non-negative float pattern
+_DIGITS = ((20, 11), (10, 10), (0, 10))
 
 
 def kth_smallest(values: torch.Tensor, kk: int) -> torch.Tensor:
-    """The kk-th smallest (1-based) element of a 1-D float tensor, as a 0-d tensor."""
+    """The kk-th smallest (1-based) of a 1-D tensor of non-negative floats, as a 0-d float32 tensor."""
     n = values.numel()
     if not 1 <= kk <= n:
         raise ValueError(f"rank {kk} outside 1..{n}")
-    if n <= _SMALL:
-        return _full_select(values, kk)
-    stride = max(1, n // _SAMPLE)
-    sample = values[::stride].sort().values
-    m = sample.numel()
-    q = kk / n
-    margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 8.0
-    lo_i = math.floor(q * m - margin)
-    hi_i = math.ceil(q * m + margin)
-    lo = sample[lo_i] if lo_i >= 0 else None
-    hi = sample[hi_i] if hi_i < m else None
-    below = int((values < lo).sum()) if lo is not None else 0
-    at_most_hi = int((values <= hi).sum()) if hi is not None else n
-    if not below < kk <= at_most_hi:
-        return _full_select(values, kk)
-    inside = values
-    if lo is not None and hi is not None:
-        inside = values[(values >= lo) & (values <= hi)]
-    elif lo is not None:
-        inside = values[values >= lo]
-    elif hi is not None:
-        inside = values[values <= hi]
-    return _full_select(inside, kk - below)
-
-
-def _full_select(values: torch.Tensor, kk: int) -> torch.Tensor:
-    if values.device.type == "cpu":
+    values = values.to(torch.float32).contiguous()
+    if n <= _SMALL and values.device.type == "cpu":
         return torch.kthvalue(values, kk).values
-    return values.sort().values[kk - 1]
+    candidates = values.view(torch.int32)
+    prefix = 0
+    rank = kk
+    for shift, width in _DIGITS:
+        digit = torch.bitwise_right_shift(candidates, shift)
+        if shift + width < 31:
+            digit.bitwise_and_((1 << width) - 1)
+        counts = torch.bincount(digit, minlength=1 << width).cumsum(0)
+        chosen = int(torch.searchsorted(counts, torch.tensor([rank], device=counts.device)).item())
+        below = int(counts[chosen - 1].item()) if chosen > 0 else 0
+        rank -= below
+        prefix |= chosen << shift
+        if shift:
+            candidates = candidates[digit == chosen]
+    return torch.tensor([prefix], dtype=torch.int32, device=values.device).view(torch.float32)[0]
