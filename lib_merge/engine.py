@@ -120,15 +120,17 @@ class KeyTask:
 class MergePlan:
     """Opened inputs and a per-key decision, made before any heavy work."""
 
-    def __init__(self, recipe: MergeRecipe, out_dtype: str = "fp16") -> None:
+    def __init__(self, recipe: MergeRecipe, out_dtype: str = "fp16",
+                 opener: Callable[[str], Checkpoint] = open_checkpoint) -> None:
+        """``opener`` turns a path into a Checkpoint (the XYZ input cache serves them from memory)."""
         self.notes = recipe.validate()
         self.recipe = recipe.resolved()
         if out_dtype not in OUTPUT_TORCH_DTYPES:
             raise ParameterError(f"output dtype must be one of {', '.join(OUTPUT_TORCH_DTYPES)}, got {out_dtype!r}")
         self.out_dtype = OUTPUT_TORCH_DTYPES[out_dtype]
         self.spec = self.recipe.spec
-        self.base: Checkpoint = open_checkpoint(self.recipe.base)
-        self.models: list[Checkpoint] = [open_checkpoint(m) for m in self.recipe.models]
+        self.base: Checkpoint = opener(self.recipe.base)
+        self.models: list[Checkpoint] = [opener(m) for m in self.recipe.models]
         self.arch = self._check_arch()
         self.recipe.block_count_ok(self.arch)
         self.report = MergeReport(arch=self.arch, method=self.spec.name, notes=list(self.notes))

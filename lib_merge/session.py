@@ -17,6 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from .api import build_metadata, input_hashes
+from .checkpoint import Checkpoint, open_checkpoint
 from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
 from .errors import MergeError, OutputError
 from .recipe import MergeRecipe
@@ -53,11 +54,13 @@ class MergeSession:
     """Serialised merges with an in-memory result, for UIs and the HTTP route."""
 
     def __init__(self, models_dir: str, hot_loader: HotLoader | None = None,
-                 device: str | None = None, refresh_models: Callable[[], None] | None = None) -> None:
+                 device: str | None = None, refresh_models: Callable[[], None] | None = None,
+                 opener: Callable[[str], Checkpoint] = open_checkpoint) -> None:
         self.models_dir = models_dir
         self.hot_loader = hot_loader
         self.device = device or default_device()
         self.refresh_models = refresh_models
+        self.opener = opener  # how inputs are opened: from disk, or from the XYZ input cache
         self.lock = threading.Lock()
         self.result: MergeResult | None = None
         self.cancel_token: CancelToken | None = None
@@ -73,7 +76,7 @@ class MergeSession:
         with self.lock:
             self.cancel_token = CancelToken()
             started = time.perf_counter()
-            plan = MergePlan(recipe, dtype)
+            plan = MergePlan(recipe, dtype, opener=self.opener)
             try:
                 state = dict(iter_merge(plan, device or self.device, progress, self.cancel_token,
                                         own_memory=True))
