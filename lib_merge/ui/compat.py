@@ -82,11 +82,3 @@ def launch(app: gr.Blocks, port: int, block: bool = True) -> None:
 def load_js(app: gr.Blocks, js: str) -> None:
     """Run ``js`` (a function expression) in the browser when the page loads."""
     app.load(None, None, None, **js_kwargs(js))
-
-
-def event_kwargs(queue_event: bool = True, show_progress: bool | None = None) -> dict[str, Any]:
-    """Common event keywords: ``show_progress`` is "full"/"hidden" in gradio 4 and also in 3.41."""
-    out: dict[str, Any] = {"queue": queue_event}
-    if show_progress is not None:
-        out["show_progress"] = "full" if show_progress else "hidden"
-    return out

@@ -74,6 +74,12 @@ def _check_device(device: str) -> str:
     return device
 
 
+def _device_choices(default: str) -> list[str]:
+    """cpu and cuda, plus whatever the host defaults to (a WebUI may say "cuda:1" or "mps")."""
+    choices = ["cpu", "cuda"]
+    return choices if default in choices else [*choices, default]
+
+
 def _arch_of(host: TabHost, title: str | None) -> str:
     """Architecture of the chosen base (for block presets); SD1 when unknown."""
     if title:
@@ -134,14 +140,14 @@ def build_tab(host: TabHost) -> gr.Blocks:
                     with gr.Row():
                         split_alpha = gr.Checkbox(value=False, label="Per-component alpha",
                                                   elem_id="dare_merge_split_alpha")
-                        alpha_unet = gr.Slider(-1.0, 2.0, value=1.0, label="alpha UNet",
-                                               elem_id="dare_merge_alpha_unet", **slider)
-                        alpha_te = gr.Slider(-1.0, 2.0, value=1.0, label="alpha text encoder",
-                                             elem_id="dare_merge_alpha_te", **slider)
+                        alpha_unet = gr.Slider(-1.0, 2.0, value=1.0, label="alpha UNet", step=0.01,
+                                               interactive=False, elem_id="dare_merge_alpha_unet")
+                        alpha_te = gr.Slider(-1.0, 2.0, value=1.0, label="alpha text encoder", step=0.01,
+                                             interactive=False, elem_id="dare_merge_alpha_te")
                     with gr.Row():
                         block_preset_dd = gr.Dropdown(choices=[BLOCK_PRESET_OFF, *BLOCK_PRESETS], value=None,
                                                       label="Block weight preset", elem_id="dare_merge_block_preset",
-                                                      scale=1)
+                                                      scale=2)
                         block_weights = gr.Textbox(label="Block weights (alpha multiplier per block)",
                                                    placeholder="26 values (SD1/SD2) or 20 (SDXL); empty = off",
                                                    elem_id="dare_merge_block_weights", scale=3)
@@ -152,7 +158,8 @@ def build_tab(host: TabHost) -> gr.Blocks:
                         skip_mismatched = gr.Checkbox(value=False, label="Skip keys whose shapes differ",
                                                       elem_id="dare_merge_skip_mismatched")
                     with gr.Row():
-                        device = gr.Dropdown(choices=["cpu", "cuda"], value=host.default_device(),
+                        device = gr.Dropdown(choices=_device_choices(host.default_device()),
+                                             value=host.default_device(),
                                              label="Device", elem_id="dare_merge_device")
                         precision = gr.Radio(list(OUTPUT_DTYPES), value=host.default_precision(),
                                              label="Working precision", elem_id="dare_merge_precision")
@@ -212,6 +219,9 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 + [compat.update(value=METHODS[name].help)]
 
         method.change(apply_preset, inputs=[method], outputs=[p, k, alpha, lam, vote_sgn, method_help], queue=False)
+
+        split_alpha.change(lambda on: (compat.update(interactive=bool(on)), compat.update(interactive=bool(on))),
+                           inputs=[split_alpha], outputs=[alpha_unet, alpha_te], queue=False)
 
         seed_random.click(lambda: random.randrange(0, 2 ** 32), inputs=None, outputs=[seed], queue=False)
 
@@ -293,7 +303,9 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 yield (error_text(exc), *keep)
                 return
             current = session.result
+            how = "written from the merge in memory"
             if current is None or current.recipe != recipe.resolved():
+                how = "merged first: nothing in memory matched these settings"
                 result = yield from _relay(
                     merge_and_report(recipe, device_v, precision_v, False, "merging before saving"), keep)
                 if result is None:
@@ -306,7 +318,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 return
             choices = host.list_checkpoints()
             size = os.path.getsize(path) / 1e9
-            yield (f"saved {path} ({dtype_v}, {size:.2f} GB)\n{session.result.report.summary()}",
+            yield (f"saved {path} ({dtype_v}, {size:.2f} GB; {how})\n{session.result.report.summary()}",
                    compat.dropdown_update(choices, base_v), compat.dropdown_update(choices, models_v, True),
                    compat.dropdown_update(choices, inspect_v))
 

@@ -30,7 +30,7 @@ def error_text(exc: BaseException) -> str:
 
 def progress_text(ev: Progress | None, what: str = "merging") -> str:
     if ev is None:
-        return f"{what}: opening the checkpoints…"
+        return f"{what}: starting…"
     pct = 100.0 * ev.bytes_done / ev.bytes_total if ev.bytes_total else 0.0
     return (f"{what}: {ev.keys_done}/{ev.keys_total} keys ({pct:.0f}%), "
             f"{ev.bytes_done / 1e9:.2f} of {ev.bytes_total / 1e9:.2f} GB, {ev.seconds:.1f} s")
