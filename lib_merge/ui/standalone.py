@@ -67,8 +67,9 @@ def serve(models_dir: str, port: int = 7870, demo: bool = False) -> int:
           f"in {models_dir}", flush=True)
     try:
         compat.launch(app, port, block=False)
-    except OSError as exc:
-        raise MergeError(f"cannot serve on 127.0.0.1:{port} ({exc}); is the port in use? try --port") from None
+    except OSError:
+        raise MergeError(f"cannot serve on 127.0.0.1:{port}: the port is in use (choose another with --port)") \
+            from None
     print(f"serving on http://127.0.0.1:{port}/ (Ctrl-C stops)", flush=True)
     try:
         while True:
