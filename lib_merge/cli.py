@@ -175,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        print(f"error: a required package is missing or incompatible ({exc}); run bash .ci/setup-env",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
