@@ -176,7 +176,7 @@ class MergePlan:
         p, k = r.p, r.k
         block = block_of(key, self.arch)
         if block is not None:
-            alpha = self._blocks.get("block_alpha", {}).get(block, alpha)
+            alpha *= self._blocks.get("block_alpha", {}).get(block, 1.0)
             p = self._blocks.get("block_p", {}).get(block, p)
             k = self._blocks.get("block_k", {}).get(block, k)
         if not self.spec.trim:

@@ -59,9 +59,9 @@ class MergeRecipe:
     merge: str | None = None                 # "mean" / "sum"; None = the method's
     alpha_unet: float | None = None          # per-component alpha (None = alpha)
     alpha_te: float | None = None
-    block_alpha: str | None = None           # "v,v,..." 26 (SD1/SD2) or 20 (SDXL) values
-    block_p: str | None = None
-    block_k: str | None = None
+    block_alpha: str | None = None           # alpha multiplier per block: 26 (SD1/SD2) or 20 (SDXL) values
+    block_p: str | None = None               # p per block (replaces p there)
+    block_k: str | None = None               # k per block (replaces k there)
     vae: str = "base"                        # "base" (copy) or "merge"
     on_mismatch: str = "error"               # shape mismatch: "error" or "skip"
     allow_nonfinite: bool = False

@@ -215,3 +215,21 @@ def test_base_as_model_and_duplicates_are_allowed_and_explained(sd1_set):
     assert any("is the base" in n for n in notes) and any("repeats model 1" in n for n in notes)
     _, report = merge_to_memory(r, device="cpu")
     assert any("is the base" in n for n in report.notes)
+
+
+def test_block_weights_multiply_the_component_alpha(sd1_set):
+    halves = ",".join(["0.5"] * 26)
+    scaled, _ = merge_to_memory(recipe(sd1_set, method="add_difference", alpha=0.8, alpha_te=0.4,
+                                       block_alpha=halves), out_dtype="fp32", device="cpu")
+    direct, _ = merge_to_memory(recipe(sd1_set, method="add_difference", alpha=0.4, alpha_te=0.2),
+                                out_dtype="fp32", device="cpu")
+    assert torch.equal(scaled[UNET_KEY], direct[UNET_KEY]) and torch.equal(scaled[TE_KEY], direct[TE_KEY])
+
+
+def test_block_p_and_k_replace_p_and_k_per_block(sd1_set):
+    p_in01_only = ",".join(["0"] * 2 + ["0.9"] + ["0"] * 23)   # BASE, IN00, IN01=0.9, ...
+    state, _ = merge_to_memory(recipe(sd1_set, method="dare_ties", p=0.0, block_p=p_in01_only),
+                               out_dtype="fp32", device="cpu")
+    plain, _ = merge_to_memory(recipe(sd1_set, method="dare_ties", p=0.0), out_dtype="fp32", device="cpu")
+    assert not torch.equal(state[UNET_KEY], plain[UNET_KEY])          # IN01 dropped at p 0.9
+    assert torch.equal(state[TE_KEY], plain[TE_KEY])                  # BASE untouched
