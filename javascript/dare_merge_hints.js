@@ -24,6 +24,8 @@ const dareMergeTitles = /* BEGIN TITLES */ {
     "dare_merge_alpha_te": "Alpha for text-encoder weights (when per-component alpha is on)",
     "dare_merge_block_preset": "Fill the block weights with a named shape for the base's architecture",
     "dare_merge_block_weights": "Alpha multiplier per block: 26 values for SD1/SD2, 20 for SDXL (BASE,IN00..,M00,OUT..); empty = off",
+    "dare_merge_block_p": "DARE drop rate per block, same notation; replaces p in each block; empty = use p",
+    "dare_merge_block_k": "TIES keep fraction per block, same notation; replaces k in each block; empty = use k",
     "dare_merge_merge_mode": "How agreeing deltas combine: mean (TIES) or sum (task arithmetic); default = the method's",
     "dare_merge_vae": "VAE of the result: copied from the base, or merged like the other weights",
     "dare_merge_skip_mismatched": "Skip keys whose shapes differ between models instead of stopping with an error",

@@ -91,6 +91,8 @@ class FormValues:
     alpha_unet: float
     alpha_te: float
     block_weights: str
+    block_p: str
+    block_k: str
     merge_mode: str
     vae: str
     skip_mismatched: bool
@@ -110,6 +112,7 @@ class FormValues:
             alpha_unet=float(self.alpha_unet) if self.split_alpha else None,
             alpha_te=float(self.alpha_te) if self.split_alpha else None,
             block_alpha=(self.block_weights or "").strip() or None,
+            block_p=(self.block_p or "").strip() or None, block_k=(self.block_k or "").strip() or None,
             vae=self.vae or "base", on_mismatch="skip" if self.skip_mismatched else "error")
 
 

@@ -152,6 +152,11 @@ def build_tab(host: TabHost) -> gr.Blocks:
                                                    placeholder="26 values (SD1/SD2) or 20 (SDXL); empty = off",
                                                    elem_id="dare_merge_block_weights", scale=3)
                     with gr.Row():
+                        block_p = gr.Textbox(label="p per block (optional)", placeholder="same notation; empty = p",
+                                             elem_id="dare_merge_block_p")
+                        block_k = gr.Textbox(label="k per block (optional)", placeholder="same notation; empty = k",
+                                             elem_id="dare_merge_block_k")
+                    with gr.Row():
                         merge_mode = gr.Radio(list(MERGE_MODES), value=MERGE_MODES[0], label="Combine deltas by",
                                               elem_id="dare_merge_merge_mode")
                         vae = gr.Radio(["base", "merge"], value="base", label="VAE", elem_id="dare_merge_vae")
@@ -195,7 +200,8 @@ def build_tab(host: TabHost) -> gr.Blocks:
 
         form = dict(base=base, models=models, weights=weights, method=method, p=p, k=k, alpha=alpha, lam=lam,
                     vote_sgn=vote_sgn, seed=seed, split_alpha=split_alpha, alpha_unet=alpha_unet,
-                    alpha_te=alpha_te, block_weights=block_weights, merge_mode=merge_mode, vae=vae,
+                    alpha_te=alpha_te, block_weights=block_weights, block_p=block_p, block_k=block_k,
+                    merge_mode=merge_mode, vae=vae,
                     skip_mismatched=skip_mismatched)
         form_inputs = [form[name] for name in FORM_FIELDS]
         lists = [base, models, inspect_file]

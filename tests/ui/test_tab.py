@@ -24,7 +24,8 @@ LAYOUT_IDS = {"dare_merge_layout", "dare_merge_left", "dare_merge_right", "dare_
 def _form(**over) -> FormValues:
     values = dict(base="base.safetensors", models=["a.safetensors", "sub/b.safetensors"], weights="", method="TIES",
                   p=0.1, k=0.2, alpha=0.9, lam=1.0, vote_sgn=False, seed=7.0, split_alpha=False, alpha_unet=0.3,
-                  alpha_te=0.4, block_weights="", merge_mode="method default", vae="base", skip_mismatched=False)
+                  alpha_te=0.4, block_weights="", block_p="", block_k="", merge_mode="method default", vae="base",
+                  skip_mismatched=False)
     values.update(over)
     return FormValues(*(values[f] for f in FORM_FIELDS))
 
@@ -145,3 +146,8 @@ def test_cancel_stops_a_running_merge_and_reports_it_in_words(ui_checkpoints, tm
     assert error_text(error).startswith("cancelled:")
     assert rows[0][0].startswith("merging")
     assert host.session.result is None and not host.session.cancel()
+
+
+def test_block_p_and_k_reach_the_recipe(tmp_path):
+    r = _form(block_p=" 0.5," * 25 + "0.5", block_k="").recipe(lambda t: str(tmp_path / t))
+    assert r.block_p.count("0.5") == 26 and r.block_k is None
