@@ -381,6 +381,8 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
     for index, task in enumerate(plan.tasks):
         if cancel is not None:
             cancel.check()
+        if index + 1 < len(plan.tasks):
+            _prefetch(plan, plan.tasks[index + 1])
         if task.action == "copy":
             tensor = plan.base.tensor(task.key)
             if tensor.dtype != task.dtype:
@@ -397,6 +399,14 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
             progress(Progress(index + 1, len(plan.tasks), done_bytes, total_bytes, task.key,
                               time.perf_counter() - started))
     report.seconds = time.perf_counter() - started
+
+
+def _prefetch(plan: MergePlan, task: KeyTask) -> None:
+    """Start reading the next key's inputs while this one is merged."""
+    plan.base.prefetch(task.key)
+    if task.action == "merge":
+        for index in task.models:
+            plan.models[index].prefetch(task.key)
 
 
 def _fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
