@@ -48,6 +48,36 @@ def get_host() -> host.WebUIHost:
         return _host
 
 
+def merge_or_reuse(recipe: MergeRecipe, dtype: str, device: str, hot_load: bool,
+                   progress: Callable[[Progress], None] | None = None) -> tuple[MergeResult, bool]:
+    """Merge, unless the session's in-memory result is this recipe (same hash, same dtype) already.
+
+    Returns (result, reused).  With ``hot_load`` the result ends up in the
+    running model either way (loaded again only if it is not there).  The
+    caller holds the queue lock, or runs inside a generation.
+    """
+    session = get_session()
+    loader = session.hot_loader
+    inputs = input_hashes(recipe)
+    wanted = recipe.recipe_hash(inputs)
+    current = session.result
+    if current is not None and current.recipe_hash == wanted and current.dtype == dtype:
+        if hot_load and loader.loaded_recipe_hash() != wanted:
+            with session.lock:
+                loader.load(current.state, current.name, current.recipe_hash, current.recipe)
+                session.hot_loaded = True
+                session.last_message = f"hot-loaded {current.name} (kept in memory; not merged again)"
+        return current, True
+
+    def report(event: Progress) -> None:
+        host.mirror_progress(event, session.cancel)
+        if progress is not None:
+            progress(event)
+
+    return session.merge(recipe, dtype=dtype, device=device, hot_load=hot_load, progress=report,
+                         inputs=inputs), False
+
+
 def hot_load_recipe(recipe: MergeRecipe, dtype: str | None = None, device: str | None = None,
                     progress: Callable[[Progress], None] | None = None) -> MergeResult:
     """Make ``recipe``'s merge the running model; merge only if it is not already there.
@@ -55,27 +85,12 @@ def hot_load_recipe(recipe: MergeRecipe, dtype: str | None = None, device: str |
     Same recipe hash as the loaded merge: nothing happens.  Same hash as the
     session's in-memory result that is not loaded (after a "Restore"): it is
     loaded without merging.  Otherwise a merge runs on the WebUI's device.
+    For the XYZ script: call it from inside the generation (``before_process``),
+    which already holds the queue lock.
     """
-    session = get_session()
-    loader = session.hot_loader
-    inputs = input_hashes(recipe)
-    wanted = recipe.recipe_hash(inputs)
-    current = session.result
-    if current is not None and current.recipe_hash == wanted:
-        if loader.loaded_recipe_hash() == wanted:
-            return current
-        with session.lock:
-            loader.load(current.state, current.name, current.recipe_hash, current.recipe)
-            session.hot_loaded = True
-        return current
-
-    def report(event: Progress) -> None:
-        host.mirror_progress(event, session.cancel)
-        if progress is not None:
-            progress(event)
-
-    return session.merge(recipe, dtype=dtype or host.merge_precision(), device=device or host.merge_device(),
-                         hot_load=True, progress=report, inputs=inputs)
+    result, _ = merge_or_reuse(recipe, dtype or host.merge_precision(), device or host.merge_device(), True,
+                               progress)
+    return result
 
 
 def status(with_fingerprint: bool = False) -> dict:
@@ -123,6 +138,13 @@ def on_script_unloaded() -> None:
         uninstall_reload_guard()
 
 
+def setup() -> None:
+    """At script load: hooks, and the settings (``--nowebui`` never runs ``on_ui_settings``, yet
+    ``/sdapi/v1/options`` should let API users set them)."""
+    install_hooks()
+    host.add_settings()
+
+
 def install_hooks() -> None:
     """Install the checkpoint-list (and Forge reload) hooks for an existing session."""
     session = get_session()
@@ -133,5 +155,5 @@ def install_hooks() -> None:
         loader.registry.install()
 
 
-__all__ = ["get_session", "get_host", "hot_load_recipe", "status", "on_ui_tabs", "on_ui_settings",
-           "on_app_started", "on_script_unloaded", "install_hooks"]
+__all__ = ["get_session", "get_host", "hot_load_recipe", "merge_or_reuse", "status", "on_ui_tabs", "on_ui_settings",
+           "on_app_started", "on_script_unloaded", "install_hooks", "setup"]

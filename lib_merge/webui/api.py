@@ -22,8 +22,6 @@ generation), merges are serialised, and errors come back as
 ``{"error": "<one line naming the file/key>", "type": "<ErrorClass>"}`` with
 status 400 (409 when cancelled).
 """
-from __future__ import annotations
-
 import os
 import time
 import traceback
@@ -135,14 +133,15 @@ def merge(payload: dict) -> dict:
             raise OutputError("exists already; pass overwrite=true or choose another name", target)
 
     requested = time.time()
+    from . import merge_or_reuse
     with host.exclusive("DARE merge (API)") as waited:
         started = time.time()
-        result = session.merge(recipe, dtype=dtype, device=device, hot_load=hot_load,
-                               progress=lambda event: host.mirror_progress(event, session.cancel))
+        result, reused = merge_or_reuse(recipe, dtype, device, hot_load)
         saved = session.save(save_name, save_dtype, overwrite, recipe) if save else None
         finished = time.time()
     loader = session.hot_loader
-    return {"name": result.name, "recipe_hash": result.recipe_hash, "hot_loaded": hot_load, "saved": saved,
+    return {"name": result.name, "recipe_hash": result.recipe_hash, "hot_loaded": hot_load, "reused": reused,
+            "saved": saved,
             "saved_title": _title_of(saved), "summary": result.report.summary(), "notes": result.report.notes,
             "seconds": round(result.report.seconds, 3), "device": result.report.device, "dtype": dtype,
             "waited_s": round(waited, 3), "requested_at": requested, "started_at": started,

@@ -246,7 +246,7 @@ def interrupted() -> bool:
 # -- settings --------------------------------------------------------------------------
 
 def add_settings() -> None:
-    """Settings > DARE Merge (``script_callbacks.on_ui_settings``)."""
+    """Settings > DARE Merge (``on_ui_settings``, and at load; adding an option twice is harmless)."""
     import gradio as gr
     from modules import shared
     opts = shared.opts

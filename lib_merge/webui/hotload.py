@@ -139,7 +139,8 @@ def merged_info(base_info, name: str, recipe_hash: str, recipe_doc: dict, folder
     info = cls.__new__(cls)
     info.__dict__.update(copy.deepcopy({k: v for k, v in base_info.__dict__.items()
                                          if k not in ("dare_merge", "dare_merge_base")}))
-    sha256 = recipe_hash + hashlib.sha256(f"sd-webui-dare-merge:{recipe_hash}".encode()).hexdigest()[:64 - len(recipe_hash)]
+    tail = hashlib.sha256(f"sd-webui-dare-merge:{recipe_hash}".encode()).hexdigest()
+    sha256 = (recipe_hash + tail)[:64]
     info.filename = os.path.join(folder, name + VIRTUAL_SUFFIX)
     info.is_safetensors = False
     info.name = name
@@ -209,10 +210,19 @@ class Registry:
             if value is info:
                 del sd_models.checkpoint_aliases[alias]
 
-    def reregister(self) -> None:
+    def reregister(self, selected: str | None = None) -> None:
+        """After a refresh: list the loaded merge again, and keep it selected if it was.
+
+        (With ``--ckpt``, A1111's ``list_models`` also resets the selection to
+        that file, which would make the next generation load it.)
+        """
         info = self.current()
-        if info is not None:
-            info.register()
+        if info is None:
+            return
+        info.register()
+        if selected == info.title:
+            from modules import shared
+            shared.opts.data["sd_model_checkpoint"] = info.title
 
     def install(self) -> None:
         """Wrap ``sd_models.list_models`` once (idempotent across script reloads)."""
@@ -224,11 +234,13 @@ class Registry:
         original = current
 
         def list_models(*args, **kwargs):
+            from modules import shared
+            selected = shared.opts.data.get("sd_model_checkpoint")
             result = original(*args, **kwargs)
             registry = getattr(list_models, "_dare_merge_registry", None)
             if registry is not None:
                 try:
-                    registry.reregister()
+                    registry.reregister(selected)
                 except Exception as exc:  # never break the WebUI's refresh
                     print(f"[dare-merge] could not keep the merge in the checkpoint list: {exc}")
             return result

@@ -35,9 +35,10 @@ same way (previous merge's state dict, or the previous checkpoint's file).
 If the loading parameters later change for another reason (UNet storage
 dtype, additional modules), a guard on ``forge_model_reload`` swaps the
 merge's CheckpointInfo for its base's, so Forge reloads the base from disk
-instead of failing on a file that does not exist.  "Restore" sets the
-original checkpoint in the parameters and lets ``forge_model_reload`` load
-it from disk.
+instead of failing on a file that does not exist.  "Restore" reads the
+original checkpoint's file into the same modules the same way (a full
+``forge_model_reload`` when the architecture differs or additional
+VAE/text-encoder modules are selected).
 """
 from __future__ import annotations
 
@@ -92,7 +93,6 @@ class ForgeHotLoader:
 
     # -- HotLoader
     def load(self, state: dict[str, torch.Tensor], name: str, recipe_hash: str, recipe) -> None:
-        from modules import sd_models
         with self.lock:
             self.install()
             base_info = self._base_info(recipe.base)
@@ -114,22 +114,39 @@ class ForgeHotLoader:
             self._adopt(model, info)
 
     def restore(self) -> str:
-        from modules import sd_models, shared
+        """Put the original checkpoint back: read from its file into the same modules when the
+        architecture matches and no additional modules (VAE/TE files) are selected, else a full
+        ``forge_model_reload`` from disk."""
+        from modules import sd_models
         with self.lock:
             original = self._current(self.original)
             if original is None:
                 raise MergeError("nothing to restore: no merge has been hot-loaded in this session")
             if not os.path.exists(original.filename):
                 raise MergeError("the checkpoint that was loaded before the merge is gone", original.filename)
+            model = self._model()
             data = sd_models.model_data
             params = dict(data.forge_loading_parameters or {})
-            params["checkpoint_info"] = original
-            data.forge_loading_parameters = params
-            data.forge_hash = ""          # force: the weights in memory are not the file's
-            shared.opts.data["sd_model_checkpoint"] = original.title
+            in_place = (model is not None and host.is_merged_info(model.sd_checkpoint_info)
+                        and not params.get("additional_modules"))
+            if in_place:
+                parts, guess = split_for_forge(_read_file(original.filename))
+                in_place = type(getattr(model, "model_config", None)) is type(guess)
+            if in_place:
+                targets = _targets(model, parts)
+                _release_loras(model)
+                _write(targets)
+                model.current_lora_hash = str([])
+                self._adopt(model, original)
+            elif model is None or model.sd_checkpoint_info is not original:
+                params["checkpoint_info"] = original
+                data.forge_loading_parameters = params
+                data.forge_hash = ""      # force: the weights in memory are not the file's
+                from modules import shared
+                shared.opts.data["sd_model_checkpoint"] = original.title
+                sd_models.forge_model_reload()
             self.registry.unregister()
             self.loaded_state = None
-            sd_models.forge_model_reload()
             clear_prompt_cache()
             return original.title
 
@@ -178,14 +195,17 @@ class ForgeHotLoader:
             clear_prompt_cache()
 
     def _adopt(self, model, info) -> None:
-        """Make Forge see the merge as the loaded checkpoint, without a reload."""
+        """Make Forge see ``info`` (a merge, or a real checkpoint written in place) as the loaded
+        checkpoint, with ``forge_hash`` matching so ``forge_model_reload`` does nothing."""
         from modules import script_callbacks, sd_models, shared
+        merged = host.is_merged_info(info)
         model.sd_checkpoint_info = info
         model.filename = info.filename
-        model.sd_model_hash = info.shorthash
+        model.sd_model_hash = info.shorthash if merged else info.calculate_shorthash()
         shared.opts.data["sd_checkpoint_hash"] = info.sha256
         shared.opts.data["sd_model_checkpoint"] = info.title
-        self.registry.register(info)
+        if merged:
+            self.registry.register(info)
         data = sd_models.model_data
         params = dict(data.forge_loading_parameters or {})
         params["checkpoint_info"] = info
@@ -246,9 +266,8 @@ def split_for_forge(state: dict[str, torch.Tensor]):
 def _components(model) -> dict[str, torch.nn.Module]:
     objects = model.forge_objects_original or model.forge_objects
     out = {"unet": objects.unet.model.diffusion_model, "vae": objects.vae.first_stage_model}
-    encoders = objects.clip.cond_stage_model
-    for clip_name in getattr(encoders, "keys", lambda: [])():
-        out["clip." + clip_name] = encoders[clip_name]
+    for clip_name, encoder in objects.clip.cond_stage_model.named_children():
+        out["clip." + clip_name] = encoder
     return out
 
 
