@@ -22,8 +22,8 @@ cheap there; an fp16 delta would lose bits the merge must not lose.
 
 :meth:`InputCache.open` returns a :class:`CachedCheckpoint`, a
 :class:`~lib_merge.checkpoint.Checkpoint` whose ``flat`` answers from memory,
-so the existing engine (``MergePlan`` / ``iter_merge``) merges from the cache
-unchanged once it is handed ``cache.open`` in place of ``open_checkpoint``.
+so the existing engine merges from the cache unchanged: ``MergePlan(...,
+opener=cache.open)``, or :func:`session_reads_from` for a ``MergeSession``.
 Entries are dropped when the chosen inputs change (:meth:`prepare`), when a
 file changes on disk (size or mtime), when the budgets change, or on demand
 (:meth:`drop`).
@@ -106,6 +106,13 @@ class CachedCheckpoint(Checkpoint):
 
     def flat(self, key: str) -> torch.Tensor:
         return self._cache._flat(self._entry, key)
+
+    def prefetch(self, key: str) -> None:
+        """Readahead only for what still comes from the file."""
+        if key not in self._entry.tensors:
+            prefetch = getattr(self._entry.source, "prefetch", None)
+            if prefetch is not None:
+                prefetch(key)
 
     def close(self) -> None:
         pass
@@ -298,40 +305,26 @@ class InputCache:
                               self.device_budget, self.ram_budget, self.hits, self.misses, self.streamed_bytes)
 
 
-# ----------------------------------------------------------------------------- engine bridge
-
-_ENGINE_LOCK = threading.Lock()
-
-
-def plan_accepts_opener() -> bool:
-    """Whether ``MergePlan`` takes an ``opener=`` argument (the clean hook; see the report)."""
-    import inspect
-    from .engine import MergePlan
-    return "opener" in inspect.signature(MergePlan.__init__).parameters
-
+# ----------------------------------------------------------------------------- session bridge
 
 @contextlib.contextmanager
-def engine_reads_from(cache: InputCache | None) -> Iterator[None]:
-    """Within this block, merges (``MergePlan``) open their inputs through ``cache``.
+def session_reads_from(session, cache: InputCache | None) -> Iterator[None]:
+    """Within this block, ``session``'s merges open their inputs through ``cache``.
 
-    A stop-gap until ``MergePlan`` / ``MergeSession`` take the opener as an
-    argument: it rebinds ``lib_merge.engine.open_checkpoint`` for the block,
-    under a lock so two blocks never interleave.  Merges are serialised by
-    the session's lock anyway; a merge started elsewhere during the block
-    would read through the cache too, which gives the same bytes.
+    ``MergeSession.opener`` is swapped for the block only, so merges started
+    from the tab or the HTTP route keep reading the files directly (and do not
+    fill the cache).  In a WebUI the block runs inside a generation, which
+    holds the queue lock every other merge waits for.
     """
     if cache is None or not cache.enabled:
         yield
         return
-    from . import engine
-    with _ENGINE_LOCK:
-        original = engine.open_checkpoint
-        engine.open_checkpoint = cache.open
-        try:
-            yield
-        finally:
-            engine.open_checkpoint = original
+    previous = session.opener
+    session.opener = cache.open
+    try:
+        yield
+    finally:
+        session.opener = previous
 
 
-__all__ = ["InputCache", "CachedCheckpoint", "CacheStats", "engine_reads_from", "plan_accepts_opener",
-           "device_key", "MB"]
+__all__ = ["InputCache", "CachedCheckpoint", "CacheStats", "session_reads_from", "device_key", "MB"]

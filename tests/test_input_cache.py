@@ -7,12 +7,13 @@ import time
 import pytest
 import torch
 
-from lib_merge import MergeRecipe, merge_to_memory
-from lib_merge import engine
+from lib_merge import MergeRecipe
 from lib_merge.api import input_hashes
 from lib_merge.checkpoint import open_checkpoint
+from lib_merge.engine import MergePlan, iter_merge
 from lib_merge.input_cache import DEVICE_TIER, RAM_TIER, MB, CachedCheckpoint, InputCache, device_key, \
-    engine_reads_from
+    session_reads_from
+from lib_merge.session import MergeSession
 from lib_merge.synth import synth_entries, _base_value, _finetune_value
 from lib_merge.writer import SafetensorsWriter
 
@@ -53,11 +54,14 @@ def _recipe(mini, **kw):
 
 
 def _merge(recipe, cache=None):
+    """The engine's merge into memory, its inputs opened from disk or through the cache."""
     if cache is not None:
         cache.prepare_recipe(recipe)
-    with engine_reads_from(cache):
-        state, report = merge_to_memory(recipe, out_dtype="fp16", device="cpu")
-    return state
+    plan = MergePlan(recipe, "fp16", opener=cache.open if cache is not None else open_checkpoint)
+    try:
+        return dict(iter_merge(plan, "cpu", own_memory=True))
+    finally:
+        plan.close()
 
 
 def _same(a, b):
@@ -83,6 +87,8 @@ def test_cached_checkpoint_has_the_checkpoint_interface(mini):
     for key in (UNET_KEY, VAE_KEY):
         assert torch.equal(cached.tensor(key), disk.tensor(key))
         assert torch.equal(cached.flat(key), disk.flat(key))  # second read: from memory
+    cached.prefetch(UNET_KEY)   # cached: nothing to read ahead; not cached: the file's readahead
+    cached.prefetch("alphas_cumprod")
     cached.close()  # a plan closing its inputs must not take them from the next cell
     assert torch.equal(cached.tensor(UNET_KEY), disk.tensor(UNET_KEY))
     assert cache.stats().hits >= 2
@@ -207,13 +213,24 @@ def test_input_hashes_are_the_apis_and_follow_the_file(mini):
     assert cache.input_hashes(recipe.base, recipe.models) == input_hashes(recipe)
 
 
-def test_engine_bridge_restores_the_opener_even_on_error(mini):
+def test_session_reads_through_the_cache_only_inside_the_block(mini):
     cache = InputCache("cpu", ram_budget_mb=64)
-    original = engine.open_checkpoint
+    session = MergeSession(mini["dir"], device="cpu")
+    original = session.opener
+    recipe = _recipe(mini)
+    cache.prepare_recipe(recipe)
+    with session_reads_from(session, cache):
+        assert session.opener == cache.open
+        first = session.merge(recipe, hot_load=False)
+    assert session.opener is original
+    assert cache.stats().misses > 0 and cache.stats().ram_bytes > 0
     with pytest.raises(RuntimeError):
-        with engine_reads_from(cache):
-            assert engine.open_checkpoint == cache.open
+        with session_reads_from(session, cache):
             raise RuntimeError("boom")
-    assert engine.open_checkpoint is original
-    with engine_reads_from(InputCache("cpu")):   # a cache with no budget changes nothing
-        assert engine.open_checkpoint is original
+    assert session.opener is original
+    outside = session.merge(recipe, hot_load=False)   # from disk: the cache is not touched
+    assert cache.stats().hits == 0
+    _same(first.state, outside.state)
+    assert first.recipe_hash == outside.recipe_hash
+    with session_reads_from(session, InputCache("cpu")):   # a cache with no budget changes nothing
+        assert session.opener is original
