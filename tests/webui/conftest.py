@@ -18,6 +18,7 @@ has ``openai/clip-vit-large-patch14`` (see docs/real-webui notes).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -86,8 +87,10 @@ def _free_port() -> int:
 class WebUI:
     """A started WebUI process and a tiny JSON client for it (HTTP basic auth on every call)."""
 
-    def __init__(self, kind: str, root: str, work: str, ckpts: dict[str, str]) -> None:
+    def __init__(self, kind: str, root: str, work: str, ckpts: dict[str, str], extra_flags: tuple = (),
+                 ui: bool = False) -> None:
         self.kind, self.root, self.work, self.ckpts = kind, root, work, ckpts
+        self.extra_flags, self.ui = list(extra_flags), ui
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(work, "webui.log")
@@ -96,9 +99,10 @@ class WebUI:
     def start(self, timeout: float = 900) -> None:
         var = "WEBUI_PYTHON" if self.kind == "a1111" else "FORGE_PYTHON"
         python = os.environ.get(var) or os.path.join(self.root, "venv", "bin", "python")
-        cmd = [python, "launch.py", *COMMON_FLAGS, *HOST_FLAGS[self.kind], "--port", str(self.port),
+        common = [f for f in COMMON_FLAGS if not (self.ui and f == "--nowebui")]
+        cmd = [python, "launch.py", *common, *HOST_FLAGS[self.kind], "--port", str(self.port),
                "--data-dir", self.work, "--ckpt-dir", os.path.join(self.work, "ckpt"),
-               "--ckpt", self.ckpts["base"], "--api-auth", ":".join(AUTH)]
+               "--ckpt", self.ckpts["base"], "--api-auth", ":".join(AUTH), *self.extra_flags]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False",
                    DO_NOT_TRACK="1", PYTHONUNBUFFERED="1", DARE_MERGE_TEST_HOOKS="1",
                    DARE_MERGE_CACHE=os.path.join(self.work, "hash-cache"))
@@ -117,7 +121,9 @@ class WebUI:
                 continue
             if code == 200:
                 return
-            raise RuntimeError(f"/dare-merge/v1/status answered {code} {body}:\n{self.log_tail()}")
+            if code != 404:  # 404: the UI is up, the API routes come a few seconds later
+                raise RuntimeError(f"/dare-merge/v1/status answered {code} {body}:\n{self.log_tail()}")
+            time.sleep(2)
         raise RuntimeError(f"the WebUI did not answer within {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
@@ -166,10 +172,10 @@ class WebUI:
         assert status == 200, f"{method} {path} -> {status} {answer}\n{self.log_tail(30)}"
         return answer
 
-    def txt2img(self, seed: int = 1, steps: int = 2) -> tuple[bytes, str]:
+    def txt2img(self, seed: int = 1, steps: int = 2, prompt: str = "a photo of a cat") -> tuple[bytes, str]:
         """One 64x64 image: (raw pixel bytes, infotext)."""
         answer = self.ok("POST", "/sdapi/v1/txt2img", {
-            "prompt": "a photo of a cat", "negative_prompt": "", "width": 64, "height": 64, "steps": steps,
+            "prompt": prompt, "negative_prompt": "", "width": 64, "height": 64, "steps": steps,
             "sampler_name": "Euler", "seed": seed, "cfg_scale": 7, "batch_size": 1, "n_iter": 1})
         info = json.loads(answer["info"])
         return png_pixels(base64.b64decode(answer["images"][0])), info["infotexts"][0]
@@ -191,25 +197,60 @@ def png_pixels(png: bytes) -> bytes:
     return zlib.decompress(idat)
 
 
-@pytest.fixture(scope="module", params=_hosts())
-def webui(request, synthetic_checkpoints, tmp_path_factory):
-    kind, root = request.param
-    work = str(tmp_path_factory.mktemp(f"webui-{kind}"))
+def write_lora(path: str, rank: int = 4, scale: float = 0.5) -> str:
+    """A small kohya-format LoRA for SD1 (diffusers-style layer names, which A1111 and Forge both map)."""
+    import torch
+    from safetensors.torch import save_file
+    layers = {  # name: (out, in, conv kernel or None)
+        "lora_unet_down_blocks_0_attentions_0_proj_in": (320, 320, 1),
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280, None),
+        "lora_unet_up_blocks_3_attentions_2_proj_out": (320, 320, 1),
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768, None),
+        "lora_te_text_model_encoder_layers_11_mlp_fc2": (768, 3072, None),
+    }
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for name, (out_dim, in_dim, kernel) in layers.items():
+        down = torch.randn(rank, in_dim, generator=gen) * scale / in_dim ** 0.5
+        up = torch.randn(out_dim, rank, generator=gen) * scale
+        if kernel:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        tensors[f"{name}.lora_down.weight"] = down.half().contiguous()
+        tensors[f"{name}.lora_up.weight"] = up.half().contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(rank)).half()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_file(tensors, path, metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+@contextlib.contextmanager
+def serve(kind: str, root: str, checkpoints: dict[str, str], work: str, extra_flags: tuple = (), ui: bool = False):
+    """Start a WebUI on a fresh data dir holding the extension, the checkpoints and a test LoRA."""
     os.makedirs(os.path.join(work, "extensions"))
     os.symlink(REPO, os.path.join(work, "extensions", EXT_NAME))
     ckpt_dir = os.path.join(work, "ckpt")
     os.makedirs(ckpt_dir)
     ckpts = {}
-    for key, path in synthetic_checkpoints.items():
+    for key, path in checkpoints.items():
         link = os.path.join(ckpt_dir, os.path.basename(path))
         os.symlink(path, link)
         ckpts[key] = link
-    server = WebUI(kind, root, work, ckpts)
+    write_lora(os.path.join(work, "models", "Lora", "dm_lora.safetensors"))
+    server = WebUI(kind, root, work, ckpts, extra_flags, ui)
     try:
         server.start()
         yield server
     finally:
         server.stop()
-        keep = os.path.join(os.environ.get("ARTIFACTS_DIR") or tempfile.gettempdir(), f"dare-merge-webui-{kind}.log")
+        suffix = "-ui" if ui else ("-" + "-".join(f.strip("-") for f in extra_flags) if extra_flags else "")
+        keep = os.path.join(os.environ.get("ARTIFACTS_DIR") or tempfile.gettempdir(),
+                            f"dare-merge-webui-{kind}{suffix}.log")
         shutil.copyfile(server.log_path, keep)
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=_hosts())
+def webui(request, synthetic_checkpoints, tmp_path_factory):
+    kind, root = request.param
+    with serve(kind, root, synthetic_checkpoints, str(tmp_path_factory.mktemp(f"webui-{kind}"))) as server:
+        yield server

@@ -33,9 +33,16 @@ def test_extension_loaded_with_auth_and_settings(webui):
     info = webui.ok("GET", "/dare-merge/v1/status")
     assert info["host"] == webui.kind
     assert info["busy"] is False and info["merges_performed"] == 0
-    options = webui.ok("GET", "/sdapi/v1/options")
-    for key in ("dare_merge_device", "dare_merge_precision", "dare_merge_cache_mb"):
-        assert key in options, f"setting {key} missing from /sdapi/v1/options"
+    # the settings are registered with the WebUI and settable through its own API
+    webui.ok("POST", "/sdapi/v1/options", {"dare_merge_precision": "bf16", "dare_merge_cache_mb": 1234})
+    settings = webui.ok("GET", "/dare-merge/v1/status")["settings"]
+    assert settings["precision"] == "bf16" and settings["cache_mb"] == 1234, settings
+    webui.ok("POST", "/sdapi/v1/options", {"dare_merge_precision": "auto", "dare_merge_cache_mb": 4096})
+    assert webui.ok("GET", "/dare-merge/v1/status")["settings"]["precision"] == "fp32"  # the model runs in fp32
+    if webui.kind == "a1111":  # Forge's GET /options only shows options known when its API models were built
+        options = webui.ok("GET", "/sdapi/v1/options")
+        for key in ("dare_merge_device", "dare_merge_precision", "dare_merge_cache_mb"):
+            assert key in options, f"setting {key} missing from /sdapi/v1/options"
 
 
 def test_bad_requests_are_refused_with_a_message(webui):
@@ -174,3 +181,23 @@ def test_two_requests_are_serialised(webui):
     assert first["finished_at"] <= second["started_at"], (first, second)
     assert second["waited_s"] > 0
     assert webui.ok("GET", "/dare-merge/v1/status")["loaded_recipe_hash"] == STATE["recipe_hash"]
+
+
+def test_lora_backups_cannot_undo_a_hot_load(webui):
+    """A LoRA applied before the hot-load keeps a copy of the old weights; the next generation
+    without it must not write that copy back over the merge (A1111 network backups, Forge LoraLoader)."""
+    webui.ok("POST", "/dare-merge/v1/restore")
+    lora_prompt = "a photo of a cat <lora:dm_lora:1>"
+    with_lora, infotext = webui.txt2img(prompt=lora_prompt)
+    assert "dm_lora" in infotext, infotext
+    assert with_lora != STATE["before_pixels"], "the LoRA changed nothing; the test would prove nothing"
+    answer = webui.ok("POST", "/dare-merge/v1/merge", RECIPE)
+    assert answer["reused"], answer
+    pixels, infotext = webui.txt2img()
+    assert _params(infotext)["Model hash"] == STATE["recipe_hash"], infotext
+    assert pixels == STATE["merged_pixels"], "the merge was undone by the LoRA's weight backup"
+    assert webui.fingerprint() == STATE["merged_fp"]
+    merged_lora, _ = webui.txt2img(prompt=lora_prompt)
+    assert merged_lora not in (with_lora, STATE["merged_pixels"]), "the LoRA did not apply on top of the merge"
+    pixels, _ = webui.txt2img()
+    assert pixels == STATE["merged_pixels"]
