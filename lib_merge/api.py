@@ -74,14 +74,15 @@ def build_metadata(recipe: MergeRecipe, inputs: dict[str, dict], out_dtype: str)
 
 def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", overwrite: bool = False,
                   device: str | None = None, progress: ProgressFn | None = None,
-                  cancel: CancelToken | None = None, chunk: int | None = None) -> MergeReport:
+                  cancel: CancelToken | None = None, chunk: int | None = None,
+                  workers: int | None = None) -> MergeReport:
     """Merge and write a safetensors file atomically; nothing is left behind on failure."""
     plan = MergePlan(recipe, out_dtype)
     try:
         hasher = _Hasher(plan.recipe)
         hasher.start()
         with SafetensorsWriter(out_path, plan.output_entries(), overwrite=overwrite) as writer:
-            for key, tensor in iter_merge(plan, device, progress, cancel, chunk):
+            for key, tensor in iter_merge(plan, device, progress, cancel, chunk, workers=workers):
                 writer.write(key, tensor)
             hasher.join()
             if hasher.error is not None:
@@ -96,11 +97,12 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
 
 def merge_to_memory(recipe: MergeRecipe, out_dtype: str = "fp32", device: str | None = None,
                     progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                    chunk: int | None = None) -> tuple[dict[str, torch.Tensor], MergeReport]:
+                    chunk: int | None = None, workers: int | None = None
+                    ) -> tuple[dict[str, torch.Tensor], MergeReport]:
     """Merge into a state dict of CPU tensors (copied keys are fresh tensors too)."""
     plan = MergePlan(recipe, out_dtype)
     try:
-        state = dict(iter_merge(plan, device, progress, cancel, chunk, own_memory=True))
+        state = dict(iter_merge(plan, device, progress, cancel, chunk, own_memory=True, workers=workers))
         return state, plan.report
     finally:
         plan.close()
