@@ -108,6 +108,7 @@ def status(with_fingerprint: bool = False) -> dict:
     if with_fingerprint:
         with host.exclusive("DARE merge: fingerprint"):
             out["fingerprint"] = loader.fingerprint()
+            out["storage"] = loader.storage()
     return out
 
 

@@ -113,6 +113,15 @@ def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
+def dtype_counts(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
+    """How many parameters are stored in each dtype (fp16/fp8 storage must survive a hot-load)."""
+    counts: dict[str, int] = {}
+    for _, tensor in named_tensors:
+        key = str(tensor.dtype).replace("torch.", "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # -- the CheckpointInfo of a merge -----------------------------------------------------
 
 _INFO_CLASSES: dict[type, type] = {}
@@ -279,5 +288,5 @@ def make_hot_loader():
     return A1111HotLoader()
 
 
-__all__ = ["make_hot_loader", "merged_info", "Registry", "HotLoadError", "FAULTS", "fingerprint",
+__all__ = ["make_hot_loader", "merged_info", "Registry", "HotLoadError", "FAULTS", "fingerprint", "dtype_counts",
            "clear_prompt_cache", "test_hooks_enabled", "InjectedFault", "install_module_fault"]

@@ -42,8 +42,8 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, fingerprint, install_module_fault,
-                      merged_info, recipe_doc)
+from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+                      install_module_fault, merged_info, recipe_doc)
 
 
 class A1111HotLoader:
@@ -84,6 +84,13 @@ class A1111HotLoader:
         if model is None:
             raise MergeError("no model is loaded")
         return fingerprint([*model.named_parameters(), *model.named_buffers()])
+
+    def storage(self) -> dict:
+        """Parameter dtypes and the lowvram/medvram flag of the running model."""
+        model = self._model()
+        if model is None:
+            return {}
+        return {"dtypes": dtype_counts(model.named_parameters()), "lowvram": bool(getattr(model, "lowvram", False))}
 
     # -- HotLoader
     def load(self, state: dict[str, torch.Tensor], name: str, recipe_hash: str, recipe) -> None:

@@ -49,8 +49,8 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, fingerprint, install_module_fault,
-                      merged_info, recipe_doc)
+from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+                      install_module_fault, merged_info, recipe_doc)
 
 QUANTIZED = ("nf4", "fp4", "gguf")
 
@@ -90,6 +90,14 @@ class ForgeHotLoader:
         for prefix, module in _components(model).items():
             tensors += [(f"{prefix}.{k}", v) for k, v in module.state_dict(keep_vars=True).items()]
         return fingerprint(tensors)
+
+    def storage(self) -> dict:
+        """Parameter dtypes per component of the running model (fp8/fp16 storage must survive)."""
+        model = self._model()
+        if model is None:
+            return {}
+        return {"dtypes": {part: dtype_counts(module.named_parameters())
+                           for part, module in _components(model).items()}}
 
     # -- HotLoader
     def load(self, state: dict[str, torch.Tensor], name: str, recipe_hash: str, recipe) -> None:
