@@ -95,7 +95,13 @@ def run(cmd: Sequence[str], env: dict | None = None, output: str | None = None, 
         proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
         sampler = _Sampler(proc.pid, interval)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:            # interrupted: do not leave the measured process running
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            sampler.stop.set()
+            raise
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop.set()
         sampler.join()

@@ -24,13 +24,14 @@ import json
 import os
 import platform
 import shlex
+import signal
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -241,16 +242,24 @@ def table(results: list[JobResult], skip_mecha: bool) -> str:
     return "\n".join(lines)
 
 
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def report_text(results: list[JobResult], a: argparse.Namespace, info: dict, command: str,
-                started: dt.datetime, load_start: tuple, load_end: tuple) -> str:
-    out = [f"## {started:%Y-%m-%d %H:%M} UTC · {a.arch.upper()} · {a.device} · repeats {a.repeats}", "",
+                started: dt.datetime, load_start: tuple | None, load_end: tuple | None,
+                interrupted: str | None = None) -> str:
+    reps = max((len(r.ours) for r in results), default=a.repeats)
+    out = [f"## {started:%Y-%m-%d %H:%M} UTC · {a.arch.upper()} · {a.device} · repeats {reps}", "",
            f"Command: `{command}`", "",
            f"Machine: {info['machine']['nproc']} CPUs ({info['machine']['cpu']}), {info['machine']['ram_gib']} GiB RAM, "
            f"Linux {info['machine']['kernel']}" + (f", GPU {info['gpu']}" if a.device == "cuda" else "") + ".",
            f"Versions: torch {info['torch']}, sd-mecha {info['mecha']}, ours {info['ours']}, "
            f"Python {platform.python_version()}.",
-           f"Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, "
-           f"at end {'/'.join(f'{x:.2f}' for x in load_end)}; other engineers share this machine.",
+           (f"Load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, "
+            f"at end {'/'.join(f'{x:.2f}' for x in load_end)}; other engineers share this machine."
+            if load_start and load_end else "Other engineers share this machine; see the load before each job."),
+           interrupted,
            f"Hash cache of our merge: {a.hash_cache} (cold = our CLI also sha256-hashes every input for the "
            f"recipe metadata, on a side thread)." if a.hash_cache else "",
            "", table(results, a.skip_mecha), ""]
@@ -287,6 +296,39 @@ def report_text(results: list[JobResult], a: argparse.Namespace, info: dict, com
     return "\n".join(x for x in out if x is not None)
 
 
+def results_from_log(path: str) -> tuple[list[JobResult], dict, str | None]:
+    """Rebuild the results of a run from its console log (a run that was stopped before its table)."""
+    import re
+
+    by_label = {j.label: j for j in jobs_mod.BASE_JOBS.values()}
+    line_re = re.compile(r"^\s+(floor|ours|sd-mecha)\s+([\d.]+) s\s+(?:CPU\s+([\d.]+) s\s+)?RssAnon\s+([\d.]+) MB"
+                         r"\s+VmHWM\s+([\d.]+) MB")
+    results: list[JobResult] = []
+    info: dict = {}
+    command = None
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith('{"machine"'):
+                info = json.loads(line)
+            elif line.startswith("command: "):
+                command = line[len("command: "):].strip()
+            elif line.startswith("== "):
+                m = re.match(r"== (.+), N=(\d+):", line)
+                job = replace(by_label[m.group(1)], n=int(m.group(2)))
+                results.append(JobResult(job))
+            elif "load average" in line and results and "warm read" in line:
+                results[-1].load_before = float(line.rsplit(" ", 1)[1])
+            elif line.strip().startswith("check vs sd-mecha:") and results:
+                results[-1].check = json.loads(line.split(":", 1)[1])
+            elif (m := line_re.match(line)) and results:
+                ms = measure.Measurement(seconds=float(m.group(2)), returncode=0,
+                                         peak_rss_anon_mb=float(m.group(4)), peak_rss_mb=0.0,
+                                         hwm_mb=float(m.group(5)),
+                                         cpu_seconds=float(m.group(3)) if m.group(3) else 0.0)
+                getattr(results[-1], {"floor": "floor", "ours": "ours", "sd-mecha": "mecha"}[m.group(1)]).append(ms)
+    return results, info, command
+
+
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,6 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--mecha-python", default=MECHA_PY)
     ap.add_argument("--mecha-threads", type=int, default=None, help="sd-mecha's threads (default: its own choice)")
     ap.add_argument("--results", default=RESULTS, help="markdown file to append to ('-' = do not append)")
+    ap.add_argument("--from-log", metavar="LOG", help="write the table of a stopped run from its console log")
+    ap.add_argument("--command", help="with --from-log: the command that made the log (for the report)")
     a = ap.parse_args(argv)
     if a.device == "cuda":
         a.kernel_time = True
@@ -322,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.from_log:
+        return report_from_log(a)
     command = shlex.join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else sys.executable,
                           os.path.relpath(os.path.abspath(__file__), ROOT), *(argv if argv is not None else sys.argv[1:])])
     started = dt.datetime.now(dt.timezone.utc)
@@ -359,19 +405,44 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = os.path.join(WORK, "out")
     os.makedirs(run_dir, exist_ok=True)
     os.makedirs(out_dir, exist_ok=True)
+    print(f"command: {command}", flush=True)
     results = []
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    interrupted = None
     for job in todo:
-        results.append(run_job(job, base, models[:job.n], a, out_dir, run_dir))
-    text = report_text(results, a, info, command, started, load_start, os.getloadavg())
+        try:
+            results.append(run_job(job, base, models[:job.n], a, out_dir, run_dir))
+        except KeyboardInterrupt:
+            interrupted = f"Interrupted during {job.label}, N={job.n}: {len(results)} of {len(todo)} jobs completed."
+            print(f"\n{interrupted}", flush=True)
+            break
+    text = report_text(results, a, info, command, started, load_start, os.getloadavg(), interrupted)
     print("\n" + text)
     if a.results != "-":
-        with open(a.results, "a", encoding="utf-8") as handle:
-            if handle.tell() == 0:
-                handle.write("# Benchmark results\n\nAppended by `benchmarks/run.py`; see benchmarks/README.md "
-                             "for what is measured.\n\n")
-            handle.write(text + "\n")
+        append_results(a.results, text)
         print(f"appended to {a.results}; logs in {run_dir}")
     return 1 if any(r.errors for r in results) else 0
+
+
+def report_from_log(a: argparse.Namespace) -> int:
+    results, info, command = results_from_log(a.from_log)
+    results = [r for r in results if r.floor and r.ours and (a.skip_mecha or r.mecha)]
+    started = dt.datetime.fromtimestamp(os.path.getmtime(a.from_log), dt.timezone.utc)
+    note = (f"Rebuilt from the console log of a run stopped before its end ({len(results)} complete jobs; "
+            "the date above is when the log was last written); load-at-end figures are not in the log.")
+    text = report_text(results, a, info, a.command or command or "(not in the log)", started, None, None, note)
+    print(text)
+    if a.results != "-":
+        append_results(a.results, text)
+    return 0
+
+
+def append_results(path: str, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        if handle.tell() == 0:
+            handle.write("# Benchmark results\n\nAppended by `benchmarks/run.py`; see benchmarks/README.md "
+                         "for what is measured.\n\n")
+        handle.write(text + "\n")
 
 
 if __name__ == "__main__":
