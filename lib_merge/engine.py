@@ -322,7 +322,7 @@ class KeyMerger:
                 result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
                                                    thresholds or None, start, nonfinite=bad)
             elif spec.kind == "weighted_sum":
-                result = kernels.weighted_sum(theta0, thetas, weights, params.alpha)
+                result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
             if not bad and not _fits(result, task.dtype):

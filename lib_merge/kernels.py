@@ -289,6 +289,27 @@ def weighted_sum(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: 
     return torch.lerp(theta0.float(), soup, alpha)
 
 
+def weighted_sum_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
+                       alpha: float, ws: Workspace) -> torch.Tensor:
+    """:func:`weighted_sum` with its intermediates in ``ws`` (same bits; a view valid until the next call)."""
+    n = theta0.numel()
+    total = ws.total[:n]
+    scratch = ws.scratch[:n]
+    for t, (theta_t, weight) in enumerate(zip(thetas, weights)):
+        target = total if t == 0 else scratch
+        target.copy_(theta_t)
+        if weight != 1.0:
+            target.mul_(weight)
+        if t:
+            total.add_(scratch)
+    total.div_(sum(weights))
+    if alpha == 1.0:
+        return total
+    base = ws.theta0[:n]
+    base.copy_(theta0)
+    return base.lerp_(total, alpha)
+
+
 @dataclass(frozen=True)
 class SlerpCoefficients:
     base: float

@@ -199,3 +199,12 @@ def test_fused_path_is_bit_identical_to_the_readable_steps(p, k, vote, merge, el
     ws = kernels.Workspace(4, 7000)
     fused = kernels.delta_merge_fused(base, thetas, weights, params, ws, masks)
     assert torch.equal(readable, fused)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_fused_weighted_sum_is_bit_identical(alpha):
+    base, thetas = make(n=5000, models=3)
+    weights = [1.0, 0.25, 3.0]
+    readable = kernels.weighted_sum(base, thetas, weights, alpha)
+    fused = kernels.weighted_sum_fused(base, thetas, weights, alpha, kernels.Workspace(3, 5000))
+    assert torch.equal(readable, fused)
