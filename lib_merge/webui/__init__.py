@@ -11,6 +11,7 @@ inside a generation (which holds the queue lock) or under :func:`host.exclusive`
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Callable
 
@@ -107,7 +108,9 @@ def status(with_fingerprint: bool = False) -> dict:
     })
     if with_fingerprint:
         with host.exclusive("DARE merge: fingerprint"):
-            out["fingerprint"] = loader.fingerprint()
+            parts = loader.fingerprints()
+            out["fingerprint"] = hashlib.sha256(f"{parts['params']}:{parts['buffers']}".encode()).hexdigest()
+            out["param_fingerprint"] = parts["params"]
             out["storage"] = loader.storage()
     return out
 

@@ -79,11 +79,12 @@ class A1111HotLoader:
         info = getattr(self._model(), "sd_checkpoint_info", None)
         return getattr(info, "title", None)
 
-    def fingerprint(self) -> str:
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of the running model's parameters, and of its buffers (schedule tensors)."""
         model = self._model()
         if model is None:
             raise MergeError("no model is loaded")
-        return fingerprint([*model.named_parameters(), *model.named_buffers()])
+        return {"params": fingerprint(model.named_parameters()), "buffers": fingerprint(model.named_buffers())}
 
     def storage(self) -> dict:
         """Parameter dtypes and the lowvram/medvram flag of the running model."""

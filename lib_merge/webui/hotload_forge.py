@@ -82,14 +82,16 @@ class ForgeHotLoader:
     def loaded_title(self) -> str | None:
         return getattr(getattr(self._model(), "sd_checkpoint_info", None), "title", None)
 
-    def fingerprint(self) -> str:
+    def fingerprints(self) -> dict[str, str]:
+        """sha256 of the running UNet/VAE/text encoders' parameters, and of their buffers."""
         model = self._model()
         if model is None:
             raise MergeError("no model is loaded")
-        tensors = []
+        params, buffers = [], []
         for prefix, module in _components(model).items():
-            tensors += [(f"{prefix}.{k}", v) for k, v in module.state_dict(keep_vars=True).items()]
-        return fingerprint(tensors)
+            params += [(f"{prefix}.{k}", v) for k, v in module.named_parameters()]
+            buffers += [(f"{prefix}.{k}", v) for k, v in module.named_buffers()]
+        return {"params": fingerprint(params), "buffers": fingerprint(buffers)}
 
     def storage(self) -> dict:
         """Parameter dtypes per component of the running model (fp8/fp16 storage must survive)."""

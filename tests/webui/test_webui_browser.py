@@ -69,6 +69,9 @@ def test_merge_from_the_tab_hot_loads_shows_progress_and_restores(webui_ui, page
     assert page.locator("#setting_dare_merge_device").count() == 1, "no DARE Merge settings section"
     assert page.is_visible("#dare_merge_restore") and page.is_checked("#dare_merge_hot_load input")
 
+    # titles gain their hash once the WebUI has hashed a file (here: after the page was built)
+    page.locator("#dare_merge_base_refresh").click()
+    page.locator("#dare_merge_models_refresh").click()
     ui.reset_status()
     ui.pick("dare_merge_base", titles["dm_base"])
     ui.pick("dare_merge_models", titles["dm_ft1"])

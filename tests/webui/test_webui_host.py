@@ -201,3 +201,46 @@ def test_lora_backups_cannot_undo_a_hot_load(webui):
     assert merged_lora not in (with_lora, STATE["merged_pixels"]), "the LoRA did not apply on top of the merge"
     pixels, _ = webui.txt2img()
     assert pixels == STATE["merged_pixels"]
+
+
+def test_the_webuis_interrupt_cancels_a_merge(webui):
+    """Interrupt (the WebUI's own button / API) stops a running merge; the loaded model is untouched."""
+    loaded = webui.ok("GET", "/dare-merge/v1/status")["loaded_recipe_hash"]
+    answer: dict = {}
+
+    def merge():
+        answer["reply"] = webui.request("POST", "/dare-merge/v1/merge", dict(RECIPE, method="weighted_sum",
+                                                                              alpha=0.3))
+
+    thread = threading.Thread(target=merge)
+    thread.start()
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        progress = webui.ok("GET", "/sdapi/v1/progress?skip_current_image=true")
+        if (progress.get("textinfo") or "").startswith("DARE merge:"):
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the merge never showed in the WebUI's progress")
+    assert progress["state"]["job"] == "DARE merge (API)", progress
+    assert progress["state"]["sampling_steps"] > 1000 and progress["state"]["sampling_step"] >= 1, progress
+    webui.ok("POST", "/sdapi/v1/interrupt")
+    thread.join(600)
+    status, body = answer["reply"]
+    assert status == 409 and body["type"] == "MergeCancelled", body
+    after = webui.ok("GET", "/dare-merge/v1/status")
+    assert after["loaded_recipe_hash"] == loaded and not after["busy"]
+    assert webui.fingerprint() == STATE["merged_fp"]
+
+
+def test_text_encoder_only_merge_is_not_hidden_by_the_prompt_cache(webui):
+    """A merge that changes only the text encoder must change the image: cached conds are dropped."""
+    webui.ok("POST", "/dare-merge/v1/restore")
+    pixels, _ = webui.txt2img()           # conds for this prompt are now cached
+    assert pixels == STATE["before_pixels"]
+    answer = webui.ok("POST", "/dare-merge/v1/merge", dict(RECIPE, method="weighted_sum", alpha=0.5,
+                                                          alpha_unet=0.0))
+    assert not answer["reused"]
+    pixels, infotext = webui.txt2img()
+    assert _params(infotext)["Model hash"] == answer["recipe_hash"], infotext
+    assert pixels != STATE["before_pixels"], "same image after a text-encoder merge: stale conds were used"

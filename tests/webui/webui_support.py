@@ -205,9 +205,14 @@ def write_lora(path: str, rank: int = 4, scale: float = 0.5) -> str:
 
 
 @contextlib.contextmanager
-def serve(kind: str, root: str, checkpoints: dict[str, str], work: str, extra_flags: tuple = (), ui: bool = False):
-    """Start a WebUI on a fresh data dir holding the extension, the checkpoints and a test LoRA."""
+def serve(kind: str, root: str, checkpoints: dict[str, str], work: str, extra_flags: tuple = (), ui: bool = False,
+          config: dict | None = None):
+    """Start a WebUI on a fresh data dir holding the extension, the checkpoints, a test LoRA and,
+    optionally, settings in its config.json (read before the model loads)."""
     os.makedirs(os.path.join(work, "extensions"))
+    if config:
+        with open(os.path.join(work, "config.json"), "w") as handle:
+            json.dump(config, handle)
     os.symlink(REPO, os.path.join(work, "extensions", EXT_NAME))
     ckpt_dir = os.path.join(work, "ckpt")
     os.makedirs(ckpt_dir)
