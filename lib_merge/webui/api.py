@@ -15,7 +15,11 @@ pydantic models: A1111 ships pydantic 1, Forge pydantic 2).
      "block_alpha": null, "block_p": null, "block_k": null, "vae": "base",
      "on_mismatch": "error", "allow_nonfinite": false,
      "hot_load": true, "dtype": "auto", "device": "auto",
-     "save": false, "save_name": "my-merge", "save_dtype": "fp16", "overwrite": false}
+     "save": false, "save_name": "my-merge", "save_dtype": "fp16", "overwrite": false,
+     "task_id": null}
+
+``task_id`` (optional, any string): the WebUI's ``/internal/progress`` then
+reports the merge under that id, as it does for txt2img tasks.
 
 The merge waits for the WebUI's queue lock (so never runs during a
 generation), merges are serialised, and errors come back as
@@ -34,7 +38,8 @@ from . import host
 PREFIX = "/dare-merge/v1"
 RECIPE_FIELDS = ("method", "p", "k", "alpha", "lam", "vote_sgn", "seed", "weights", "merge", "alpha_unet",
                  "alpha_te", "block_alpha", "block_p", "block_k", "vae", "on_mismatch", "allow_nonfinite")
-OPTION_FIELDS = ("base", "models", "hot_load", "dtype", "device", "save", "save_name", "save_dtype", "overwrite")
+OPTION_FIELDS = ("base", "models", "hot_load", "dtype", "device", "save", "save_name", "save_dtype", "overwrite",
+                 "task_id")
 
 
 def api_enabled() -> bool:
@@ -134,7 +139,8 @@ def merge(payload: dict) -> dict:
 
     requested = time.time()
     from . import merge_or_reuse
-    with host.exclusive("DARE merge (API)") as waited:
+    task_id = payload.get("task_id") or None
+    with host.exclusive("DARE merge (API)", task_id=str(task_id) if task_id else None) as waited:
         started = time.time()
         result, reused = merge_or_reuse(recipe, dtype, device, hot_load)
         saved = session.save(save_name, save_dtype, overwrite, recipe) if save else None

@@ -187,15 +187,20 @@ def holds_queue_lock() -> bool:
 
 
 @contextlib.contextmanager
-def exclusive(job: str = "DARE merge") -> Iterator[float]:
+def exclusive(job: str = "DARE merge", task_id: str | None = None) -> Iterator[float]:
     """Hold the WebUI's queue lock (wait for any generation to end) and own ``shared.state``.
 
     Yields the seconds spent waiting for the lock.  Re-entering from the same
     thread does not wait again; code that already runs inside a generation
     (an XYZ cell) must not come here at all, because the generation holds the
-    lock.
+    lock.  With ``task_id`` (a ``"task(...)"`` id made by the page, as
+    txt2img's is) the WebUI's progress API reports the work under that id, so
+    the page's own progress bar (``requestProgress``) can follow it.
     """
     from modules import shared
+    progress = _progress_module() if task_id else None
+    if progress is not None:
+        progress.add_task_to_queue(task_id)
     if holds_queue_lock():
         _held.depth += 1
         try:
@@ -212,9 +217,13 @@ def exclusive(job: str = "DARE merge") -> Iterator[float]:
         shared.state.begin(job=job)
         shared.state.job_count = 1
         shared.state.textinfo = job
+        if progress is not None:
+            progress.start_task(task_id)
         try:
             yield waited
         finally:
+            if progress is not None:
+                progress.finish_task(task_id)
             shared.state.end()
             shared.state.interrupted = False
             shared.state.skipped = False
@@ -222,6 +231,14 @@ def exclusive(job: str = "DARE merge") -> Iterator[float]:
     finally:
         _held.depth = 0
         lock.release()
+
+
+def _progress_module():
+    try:
+        from modules import progress
+        return progress
+    except ImportError:
+        return None
 
 
 def mirror_progress(event: Progress, on_interrupt: Callable[[], object] | None = None) -> None:
@@ -291,8 +308,9 @@ class WebUIHost(TabHost):
     def default_precision(self) -> str:
         return merge_precision()
 
-    def run_exclusive(self, fn: Callable[[], T]) -> T:
-        with exclusive():
+    def run_exclusive(self, fn: Callable[[], T], task_id: str | None = None) -> T:
+        """Run ``fn`` under the queue lock; ``task_id``: a page-made "task(...)" id for the progress bar."""
+        with exclusive(task_id=task_id):
             return fn()
 
     def on_progress(self, event: Progress) -> None:

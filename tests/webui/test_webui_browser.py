@@ -120,3 +120,34 @@ def test_merge_from_the_tab_hot_loads_shows_progress_and_restores(webui_ui, page
     _, infotext = webui.txt2img()
     assert _infotext_model(infotext) == original, infotext
     assert webui.ok("GET", "/dare-merge/v1/status")["loaded_recipe_hash"] is None
+
+
+def test_api_merge_with_a_task_id_shows_in_the_pages_progress(webui_ui):
+    """``task_id`` makes the merge visible to ``/internal/progress``, which the page's progress bar polls."""
+    webui = webui_ui
+    task = "task(dare-merge-test-1)"
+    seen = {"active": False, "textinfo": set(), "completed": False}
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            status, body = webui.request("POST", "/internal/progress",
+                                         {"id_task": task, "id_live_preview": -1, "live_preview": False})
+            if status == 200:
+                seen["active"] |= bool(body.get("active"))
+                seen["completed"] |= bool(body.get("completed"))
+                seen["textinfo"].add((body.get("textinfo") or "")[:11])
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        answer = webui.ok("POST", "/dare-merge/v1/merge", {
+            "base": "dm_base", "models": ["dm_ft1", "dm_ft2"], "method": "weighted_sum", "alpha": 0.6,
+            "task_id": task})
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        watcher.join(60)
+    assert not answer["reused"], answer
+    assert seen["active"] and "DARE merge:" in seen["textinfo"] and seen["completed"], seen
