@@ -35,6 +35,9 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--mask-keys", type=int, default=4, help="keys whose CPU and CUDA masks are compared")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as the engine's workers use: on a loaded machine "
+                         "multi-threaded ops wait at per-op barriers for a core that another process holds)")
     a = ap.parse_args()
     import torch
     from lib_merge import MergeRecipe, kernels
@@ -43,6 +46,7 @@ def main() -> int:
 
     job = json.loads(a.job)
     device = torch.device(a.device)
+    torch.set_num_threads(a.threads)
     recipe = MergeRecipe(job["method"], a.base, a.models, p=job.get("p"), k=job.get("k"), alpha=job.get("alpha"),
                          lam=job.get("lam"), vote_sgn=job.get("vote_sgn"), seed=job.get("seed", 42), vae="merge")
     if job["method"] == "weighted_sum":
