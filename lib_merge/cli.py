@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from .api import merge_to_file
@@ -79,6 +81,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
                        mininterval=0.5)
         bar.update(ev.bytes_done - bar.n)
 
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         report = merge_to_file(recipe, a.out, out_dtype=a.dtype, overwrite=a.overwrite,
                                device=a.device or default_device(), progress=progress, cancel=cancel)
@@ -87,8 +91,15 @@ def cmd_merge(a: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM (kill, a stopped job) ends the merge like Ctrl-C: the temporary file is deleted."""
+    raise KeyboardInterrupt
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:

@@ -93,3 +93,21 @@ def test_synth_demo_set(tmp_path):
     paths = proc.stdout.split()
     assert len(paths) == 2 and all(os.path.exists(p) for p in paths)
     assert open_checkpoint(paths[0]).arch == "sd1"
+
+
+def test_sigterm_mid_merge_leaves_no_file(sd1_set, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "killed.safetensors"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "lib_merge", "merge", "--base", sd1_set["base"], "--models",
+                             *sd1_set["models"], "--method", "dare_ties", "--k", "0.3", "--out", str(out),
+                             "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.endswith(".part") for p in tmp_path.iterdir()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "cancelled" in err
+    assert list(tmp_path.iterdir()) == []
