@@ -4,7 +4,8 @@ CPU time (user + system, all threads, from wait4) is reported beside wall time
 because on a shared, overloaded machine the wall time mostly measures the
 other tenants; CPU time measures the work done.
 
-Peak *anonymous* memory (RssAnon) is what the targets are on: plain RSS also
+Memory is summed over the process and its descendants (our CPU merge runs
+one worker process per core).  Peak *anonymous* memory (RssAnon) is what the targets are on: plain RSS also
 counts the touched pages of memory-mapped checkpoints, page cache the kernel
 can drop, which grows with N even when a merge holds one tensor.  RssAnon is
 only visible while the process lives, so /proc/PID/status is sampled every
@@ -37,6 +38,33 @@ class Measurement:
     extra: dict = field(default_factory=dict)
 
 
+def _descendants(pid: int) -> list[int]:
+    """pid and every live descendant (our CPU merge runs worker processes: their memory counts too)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as handle:
+                    todo.extend(int(child) for child in handle.read().split())
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+def _tree_kb(pid: int) -> dict[str, int]:
+    """RssAnon and VmRSS summed over the process tree; VmHWM of the root process."""
+    total: dict[str, int] = {}
+    for index, member in enumerate(_descendants(pid)):
+        status = _status_kb(member)
+        for name in ("RssAnon", "VmRSS"):
+            total[name] = total.get(name, 0) + status.get(name, 0)
+        if index == 0 and "VmHWM" in status:
+            total["VmHWM"] = status["VmHWM"]
+    return total if total.get("VmRSS") else {}
+
+
 def _status_kb(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -60,7 +88,7 @@ class _Sampler(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            s = _status_kb(self.pid)
+            s = _tree_kb(self.pid)
             if s:
                 self.samples += 1
                 self.anon = max(self.anon, s.get("RssAnon", 0))

@@ -15,6 +15,7 @@ import torch
 
 from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
 from .errors import MergeError
+from .parallel import default_processes, worth_parallel, write_parallel
 from .hashing import legacy_hash, sha256_file, short_hash
 from .recipe import RECIPE_METADATA_KEY, MergeRecipe
 from .writer import SafetensorsWriter
@@ -75,15 +76,26 @@ def build_metadata(recipe: MergeRecipe, inputs: dict[str, dict], out_dtype: str)
 def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", overwrite: bool = False,
                   device: str | None = None, progress: ProgressFn | None = None,
                   cancel: CancelToken | None = None, chunk: int | None = None,
-                  workers: int | None = None) -> MergeReport:
-    """Merge and write a safetensors file atomically; nothing is left behind on failure."""
+                  workers: int | None = None, processes: int | None = None) -> MergeReport:
+    """Merge and write a safetensors file atomically; nothing is left behind on failure.
+
+    On the CPU, a large merge runs in ``processes`` processes (default: one per
+    core; 1 = this process only, with ``workers`` threads), see parallel.py.
+    """
     plan = MergePlan(recipe, out_dtype)
     try:
         hasher = _Hasher(plan.recipe)
         hasher.start()
+        device = device or default_device()
+        if processes is None:
+            processes = default_processes() if workers is None else 1
+        use_processes = torch.device(device).type == "cpu" and worth_parallel(plan, processes)
         with SafetensorsWriter(out_path, plan.output_entries(), overwrite=overwrite) as writer:
-            for key, tensor in iter_merge(plan, device, progress, cancel, chunk, workers=workers):
-                writer.write(key, tensor)
+            if use_processes:
+                write_parallel(plan, writer, processes, progress, cancel, chunk)
+            else:
+                for key, tensor in iter_merge(plan, device, progress, cancel, chunk, workers=workers):
+                    writer.write(key, tensor)
             hasher.join()
             if hasher.error is not None:
                 raise MergeError(f"could not hash the inputs: {hasher.error}")

@@ -44,6 +44,8 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-mismatched", action="store_true", help="skip keys whose shapes differ instead of failing")
     p.add_argument("--allow-nonfinite", action="store_true", help="write a result even if it holds NaN/Inf")
     p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda when available)")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="CPU merges: processes to use (default: one per core; 1 = a single process)")
     p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="fp16", help="output precision (default fp16)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -85,7 +87,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
         else None
     try:
         report = merge_to_file(recipe, a.out, out_dtype=a.dtype, overwrite=a.overwrite,
-                               device=a.device or default_device(), progress=progress, cancel=cancel)
+                               device=a.device or default_device(), progress=progress, cancel=cancel,
+                               processes=a.processes)
     except KeyboardInterrupt:
         raise MergeCancelled("merge cancelled; nothing was written") from None
     finally:

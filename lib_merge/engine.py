@@ -25,14 +25,19 @@ from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, co
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
 from .masks import MaskHasher, mask_salt
-from .select import kth_smallest
+from .select import kth_smallest_pattern
 from .recipe import MergeRecipe
 from .writer import OUTPUT_TORCH_DTYPES
 
 INPAINT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
-CPU_CHUNK = 1 << 16
-CUDA_CHUNK = 1 << 24
-CHUNK_BUDGET = 1 << 23  # elements held across all models of one chunk
+# Elements of one chunk summed over all models' rows.  On CPU the block should
+# stay in the core's L2 cache through the ~20 ops of a chunk (4 such blocks
+# live at once); on CUDA it is sized for kernel launch overhead instead.
+CPU_CHUNK_BUDGET = 1 << 17
+CUDA_CHUNK_BUDGET = 1 << 23
+CPU_MIN_CHUNK = 1 << 12
+CPU_MAX_CHUNK = 1 << 16
+CUDA_MAX_CHUNK = 1 << 24
 
 
 @dataclass
@@ -265,11 +270,11 @@ class KeyMerger:
     def __init__(self, plan: MergePlan, device: str, chunk: int | None = None) -> None:
         self.plan = plan
         self.device = torch.device(device)
-        base_chunk = chunk or (CUDA_CHUNK if self.device.type == "cuda" else CPU_CHUNK)
         n_models = max(1, len(plan.models))
-        self.chunk = max(1 << 12, min(base_chunk, CHUNK_BUDGET // n_models)) if chunk is None else chunk
-        self.hasher = MaskHasher(self.device, max_chunk=min(self.chunk, 1 << 20))
+        self.chunk = chunk or chunk_size(n_models, self.device)
+        self.hasher = MaskHasher(self.device, max_chunk=self.chunk)
         self.workspace = kernels.Workspace(n_models, self.chunk, self.device)
+        self._magnitudes = torch.empty(0, dtype=torch.int32, device=self.device)
 
     def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
         plan = self.plan
@@ -311,6 +316,7 @@ class KeyMerger:
         elif spec.kind == "slerp":
             alpha = params.alpha
             coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base, models[0]), alpha)
+        constants = kernels.key_constants(masks, thresholds, weights, self.device)
         bad: list[str] = []
         for start in range(0, n, self.chunk):
             if cancel is not None:
@@ -320,35 +326,45 @@ class KeyMerger:
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
                 result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
-                                                   thresholds or None, start, nonfinite=bad)
+                                                   thresholds or None, start, nonfinite=bad, constants=constants)
             elif spec.kind == "weighted_sum":
-                result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace)
+                result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
+                                                    constants)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
             if not bad and not _fits(result, task.dtype):
                 bad.append("the result")
-            cast = result.to(task.dtype)
             if bad:
                 self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], bad[0])
-            out[start:stop].copy_(cast)
+            out[start:stop].copy_(result)
         return out
 
     def _threshold(self, base: torch.Tensor, model: torch.Tensor, mask: kernels.DropMask | None,
                    params: kernels.DeltaParams, cancel: CancelToken | None) -> torch.Tensor:
-        """Trim threshold of one model's whole (DARE-dropped) delta: one tensor of memory."""
+        """Trim threshold of one model's whole (DARE-dropped) delta: one tensor of memory.
+
+        The magnitudes are kept as their int32 bit patterns (|x| is the pattern
+        with the sign bit cleared), which is what the radix select counts.
+        """
         n = base.numel()
-        magnitude = torch.empty(n, dtype=torch.float32, device=self.device)
-        theta0 = self.workspace.theta0
+        if self._magnitudes.numel() < n:
+            self._magnitudes = torch.empty(n, dtype=torch.int32, device=self.device)
+        magnitudes = self._magnitudes[:n]
+        ws = self.workspace
+        salts = self.hasher.salts([mask.salt]) if mask is not None and params.p > 0 else None
+        abs_bits = self.hasher.const(0x7FFFFFFF)
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
             stop = min(n, start + self.chunk)
-            part = magnitude[start:stop]
-            part.copy_(self._dev(model[start:stop]))
-            part.sub_(theta0[:stop - start].copy_(self._dev(base[start:stop])))
-            kernels.dare_drop_(part, mask, start, params.p)
-            part.abs_()
-        return kth_smallest(magnitude, kernels.trim_rank(n, params.k))
+            delta = ws.taus(1, stop - start)
+            delta[0].copy_(self._dev(model[start:stop]))
+            delta[0].sub_(ws.theta0[:stop - start].copy_(self._dev(base[start:stop])))
+            if salts is not None:
+                self.hasher.drop_rows_(delta, salts, start, params.p)
+            torch.bitwise_and(delta[0].view(torch.int32), abs_bits, out=magnitudes[start:stop])
+        pattern = kth_smallest_pattern(magnitudes, kernels.trim_rank(n, params.k))
+        return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
 
     def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor], where: str) -> None:
         plan = self.plan
@@ -384,7 +400,7 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
     report = plan.report
     report.device = str(device)
     started = time.perf_counter()
-    total_bytes = sum(t.dtype.itemsize * _numel(t.shape) for t in plan.tasks)
+    total_bytes = sum(t.dtype.itemsize * numel(t.shape) for t in plan.tasks)
     done_bytes = 0
     if workers is None:
         workers = 1 if torch.device(device).type != "cpu" else max(1, min(torch.get_num_threads(), 8))
@@ -398,7 +414,7 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
             else:
                 report.merged += 1
             yield task.key, tensor
-            done_bytes += task.dtype.itemsize * _numel(task.shape)
+            done_bytes += task.dtype.itemsize * numel(task.shape)
             if progress is not None:
                 progress(Progress(index + 1, len(plan.tasks), done_bytes, total_bytes, task.key,
                                   time.perf_counter() - started))
@@ -415,19 +431,15 @@ def _merged_in_order(plan: MergePlan, device: str, chunk: int | None, cancel: Ca
         mergers.put(KeyMerger(plan, device, chunk))
 
     def produce(index: int) -> torch.Tensor:
-        task = plan.tasks[index]
         if cancel is not None:
             cancel.check()
         if index + 1 < len(plan.tasks):
             _prefetch(plan, plan.tasks[index + 1])
-        if task.action == "copy":
-            tensor = plan.base.tensor(task.key)
-            if tensor.dtype != task.dtype:
-                return tensor.to(task.dtype)
-            return tensor.clone() if own_memory else tensor
+        if plan.tasks[index].action == "copy":
+            return compute_task(plan, None, index, cancel, own_memory)
         merger = mergers.get()
         try:
-            return merger.merge(task, cancel)
+            return compute_task(plan, merger, index, cancel, own_memory)
         finally:
             mergers.put(merger)
 
@@ -455,6 +467,18 @@ def _merged_in_order(plan: MergePlan, device: str, chunk: int | None, cancel: Ca
         torch.set_num_threads(threads_before)
 
 
+def compute_task(plan: MergePlan, merger: "KeyMerger | None", index: int, cancel: CancelToken | None,
+                 own_memory: bool) -> torch.Tensor:
+    """The output tensor of task ``index``: merged by ``merger``, or copied (cast) from the base."""
+    task = plan.tasks[index]
+    if task.action == "copy":
+        tensor = plan.base.tensor(task.key)
+        if tensor.dtype != task.dtype:
+            return tensor.to(task.dtype)
+        return tensor.clone() if own_memory else tensor
+    return merger.merge(task, cancel)
+
+
 def _prefetch(plan: MergePlan, task: KeyTask) -> None:
     """Start reading the next key's inputs while this one is merged."""
     plan.base.prefetch(task.key)
@@ -463,16 +487,32 @@ def _prefetch(plan: MergePlan, task: KeyTask) -> None:
             plan.models[index].prefetch(task.key)
 
 
+def chunk_size(n_models: int, device: torch.device) -> int:
+    """Elements per model row of a chunk: a fixed block budget shared by the rows."""
+    if device.type == "cuda":
+        return max(1 << 16, min(CUDA_MAX_CHUNK, CUDA_CHUNK_BUDGET // n_models))
+    return max(CPU_MIN_CHUNK, min(CPU_MAX_CHUNK, CPU_CHUNK_BUDGET // n_models // 1024 * 1024))
+
+
 def _fits(values: torch.Tensor, dtype: torch.dtype) -> bool:
-    """No NaN/Inf now, and none after casting to ``dtype`` (one fused min/max pass)."""
+    """No NaN/Inf now, and none after casting to ``dtype``.
+
+    Fast path: sum of squares (one cheap dot) is finite and at most limit^2,
+    so no element can exceed the limit; NaN/Inf make it non-finite.  Only
+    when that fails (huge values, or a real problem) the exact min/max pass runs.
+    """
     if values.numel() == 0:
         return True
-    low, high = torch.aminmax(values)
     limit = torch.finfo(dtype).max
+    flat = values.reshape(-1)
+    squares = float(torch.dot(flat, flat))
+    if squares <= min(limit * limit, torch.finfo(torch.float32).max):
+        return True
+    low, high = torch.aminmax(values)
     return bool((low >= -limit) & (high <= limit))  # False for NaN too
 
 
-def _numel(shape: Sequence[int]) -> int:
+def numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d

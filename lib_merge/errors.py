@@ -48,3 +48,21 @@ class NonFiniteError(MergeError):
 
 class MergeCancelled(MergeError):
     """The user cancelled; no output was written."""
+
+
+def describe(error: MergeError) -> dict:
+    """A MergeError as plain data (for a worker process to send to its parent)."""
+    message = str(error)
+    return {"type": type(error).__name__, "message": message, "path": error.path, "key": error.key}
+
+
+def rebuild(data: dict) -> MergeError:
+    """The MergeError that :func:`describe` described, with the same class, text, path and key."""
+    cls = globals().get(str(data.get("type")), MergeError)
+    if not (isinstance(cls, type) and issubclass(cls, MergeError)):
+        cls = MergeError
+    error = cls.__new__(cls)
+    Exception.__init__(error, data.get("message", "merge failed"))
+    error.path = data.get("path")
+    error.key = data.get("key")
+    return error

@@ -171,108 +171,175 @@ def delta_merge(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: S
 
 
 class Workspace:
-    """Reusable float32 buffers for :func:`delta_merge_fused` on one device.
+    """Reusable buffers for the fused kernels on one device: a [models, chunk] block per role.
 
     Allocating fresh chunk-sized tensors for every step costs page faults and
-    cache misses that dominate the arithmetic on CPU; the fused path writes
-    every intermediate into these buffers instead.
+    cache misses that dominate the arithmetic on CPU; the fused paths write
+    every intermediate into these buffers instead.  Model rows live in one
+    block so each step is one op over all models, not one per model.
     """
 
     def __init__(self, n_models: int, chunk: int, device: torch.device | str = "cpu") -> None:
-        self.taus = torch.empty(max(1, n_models), chunk, dtype=torch.float32, device=device)
+        rows = max(1, n_models)
+        self.chunk = chunk
+        self.device = torch.device(device)
+        self._taus = torch.empty(rows * chunk, dtype=torch.float32, device=device)
+        self._rows_scratch = torch.empty(rows * chunk, dtype=torch.float32, device=device)
+        self._bits = torch.empty(rows * chunk, dtype=torch.int32, device=device)
         self.theta0 = torch.empty(chunk, dtype=torch.float32, device=device)
         self.total = torch.empty(chunk, dtype=torch.float32, device=device)
         self.count = torch.empty(chunk, dtype=torch.float32, device=device)
         self.vote = torch.empty(chunk, dtype=torch.float32, device=device)
         self.scratch = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.bits = torch.empty(chunk, dtype=torch.int32, device=device)
+
+    def taus(self, rows: int, n: int) -> torch.Tensor:
+        """A contiguous [rows, n] float32 block (rows of a short last chunk stay adjacent)."""
+        return self._taus[:rows * n].view(rows, n)
+
+    def rows_scratch(self, rows: int, n: int) -> torch.Tensor:
+        return self._rows_scratch[:rows * n].view(rows, n)
+
+    def bits(self, rows: int, n: int) -> torch.Tensor:
+        return self._bits[:rows * n].view(rows, n)
 
 
-def trim_bits_(tau: torch.Tensor, threshold: torch.Tensor, bits: torch.Tensor) -> None:
-    """Step 3 on the float bit patterns: same result as :func:`trim_`, without a mask tensor.
+@dataclass(frozen=True)
+class KeyConstants:
+    """Per-key operands of :func:`delta_merge_fused` as device tensors, built once per key.
+
+    salts: [models, 1] int32 (None without DARE); thr_minus_one: [models, 1]
+    int32, bit pattern of each trim threshold minus one (None without trim);
+    weights: [models, 1] float32 (None when every weight is 1).
+    """
+
+    hasher: MaskHasher | None
+    salts: torch.Tensor | None
+    thr_minus_one: torch.Tensor | None
+    weights: torch.Tensor | None
+    abs_bits: torch.Tensor | None   # 0x7FFFFFFF as a 0-d int32 tensor
+    shift31: torch.Tensor | None
+
+
+def key_constants(masks: Sequence[DropMask | None] | None, thresholds: Sequence[torch.Tensor | None] | None,
+                  weights: Sequence[float], device: torch.device | str) -> KeyConstants:
+    """Turn one key's masks, thresholds and weights into the tensors the fused kernel broadcasts."""
+    hasher = salts = thr = w = abs_bits = shift31 = None
+    live = [m for m in masks or () if m is not None]
+    if live and len(live) != len(masks):
+        raise ValueError("DARE masks are needed for every model or for none")
+    if live:
+        hasher = live[0].hasher
+        salts = hasher.salts([m.salt if m is not None else 0 for m in masks])
+    if thresholds is not None and any(t is not None for t in thresholds):
+        # a model without a threshold keeps everything: pattern 0 - 1 makes the keep test always true
+        patterns = [int(t.to(torch.float32).reshape(1).cpu().view(torch.int32).item()) if t is not None else 0
+                    for t in thresholds]
+        thr = torch.tensor(patterns, dtype=torch.int32, device=device).sub_(1).reshape(-1, 1)
+        abs_bits = torch.tensor(0x7FFFFFFF, dtype=torch.int32, device=device)
+        shift31 = torch.tensor(31, dtype=torch.int32, device=device)
+    if any(weight != 1.0 for weight in weights):
+        w = torch.tensor(list(weights), dtype=torch.float32, device=device).reshape(-1, 1)
+    return KeyConstants(hasher, salts, thr, w, abs_bits, shift31)
+
+
+def trim_bits_(taus: torch.Tensor, thr_minus_one: torch.Tensor, bits: torch.Tensor,
+               abs_bits: torch.Tensor, shift31: torch.Tensor) -> None:
+    """Step 3 on the float bit patterns of a [models, chunk] block: same result as :func:`trim_`.
 
     For non-negative floats the int32 bit patterns order like the values, so
-    |tau| >= thr  <=>  (bits(|tau|) - bits(thr)) >= 0; ``(bits(thr) - 1 - bits(|tau|)) >> 31``
-    is then all ones exactly where tau is kept, and an AND clears the others.
+    |tau| >= thr  <=>  (bits(thr) - 1 - bits(|tau|)) < 0, whose sign bit spread
+    by an arithmetic shift is all ones exactly where tau is kept; an AND clears
+    the others.  No mask tensor, no boolean ops.
     """
-    thr_bits = int(threshold.to(torch.float32).reshape(1).view(torch.int32).item())
-    torch.bitwise_and(tau.view(torch.int32), 0x7FFFFFFF, out=bits)
-    bits.neg_()
-    bits.add_(thr_bits - 1)
-    bits.bitwise_right_shift_(31)
-    tau.view(torch.int32).bitwise_and_(bits)
+    torch.bitwise_and(taus.view(torch.int32), abs_bits, out=bits)
+    torch.sub(thr_minus_one, bits, out=bits)
+    bits.bitwise_right_shift_(shift31)
+    taus.view(torch.int32).bitwise_and_(bits)
+
+
+def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row 0 + row 1 + ... in model order (as the readable steps add), into ``out``."""
+    if rows.shape[0] == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
+        out.add_(row)
+    return out
 
 
 def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
                       params: DeltaParams, ws: Workspace, masks: Sequence[DropMask | None] | None = None,
                       thresholds: Sequence[torch.Tensor | None] | None = None, start: int = 0,
-                      nonfinite: list[str] | None = None) -> torch.Tensor:
+                      nonfinite: list[str] | None = None, constants: KeyConstants | None = None) -> torch.Tensor:
     """:func:`delta_merge` with every intermediate in ``ws``; the same bits, fewer passes.
 
     Steps 6-7 use the identity, for gamma in {-1, +1}:
         sum_t A_t tau_t = gamma * sum_t max(gamma tau_t, 0),   sum_t A_t w_t = sum_t w_t [gamma tau_t > 0]
     (a model agrees exactly where gamma * tau_t > 0), so each model costs a
-    multiply, a clamp and two adds instead of a sign, a compare and a select.
-    IEEE rounding is symmetric in sign, so the sums are bit-identical.
-    Returns a view into ``ws`` valid until the next call.
+    multiply and a clamp instead of a sign, a compare and a select.  IEEE
+    rounding is symmetric in sign and the sums run in model order, so the
+    result is bit-identical.  ``constants`` (from :func:`key_constants`) saves
+    rebuilding the per-key tensors on every chunk.  Returns a view into ``ws``
+    valid until the next call.
     """
     n = theta0.numel()
+    rows = len(thetas)
+    if constants is None:
+        constants = key_constants(masks if params.p > 0 else None, thresholds, weights, ws.device)
     base = ws.theta0[:n]
     base.copy_(theta0)
-    taus = []
+    taus = ws.taus(rows, n)
     for t, theta_t in enumerate(thetas):
-        tau = ws.taus[t, :n]
-        tau.copy_(theta_t)
-        tau.sub_(base)                                                            # 1
-        dare_drop_(tau, masks[t] if masks else None, start, params.p)             # 2
-        threshold = thresholds[t] if thresholds is not None else trim_threshold(tau, params.k)
-        if threshold is not None:                                                 # 3
-            trim_bits_(tau, threshold, ws.bits[:n])
-        weigh_(tau, weights[t])                                                   # 4
-        taus.append(tau)
+        taus[t].copy_(theta_t)
+    taus.sub_(base)                                                               # 1
+    if params.p > 0 and constants.salts is not None:                              # 2
+        step = constants.hasher.max_chunk
+        if n <= step:   # the hash lives in the blocks the later steps reuse: a smaller working set
+            constants.hasher.drop_rows_(taus, constants.salts, start, params.p, ws.bits(rows, n),
+                                        ws.rows_scratch(rows, n).view(torch.int32))
+        else:
+            for lo in range(0, n, step):
+                constants.hasher.drop_rows_(taus[:, lo:lo + step], constants.salts, start + lo, params.p)
+    if constants.thr_minus_one is not None:                                       # 3
+        trim_bits_(taus, constants.thr_minus_one, ws.bits(rows, n), constants.abs_bits, constants.shift31)
+    elif thresholds is None and params.k < 1.0:
+        for t in range(rows):   # a whole tensor in one chunk: thresholds from the chunk itself
+            trim_(taus[t], trim_threshold(taus[t], params.k))
+    if constants.weights is not None:                                             # 4
+        taus.mul_(constants.weights)
     total = ws.total[:n]
     if not params.elect:
-        total.copy_(taus[0])
-        for tau in taus[1:]:
-            total.add_(tau)
+        _sum_rows(taus, total)
         if params.merge == "mean":
             total.div_(sum(weights))
     else:
         gamma = ws.vote[:n]                                                       # 5
+        agreeing = ws.rows_scratch(rows, n)
         if params.vote_sgn:
-            torch.sign(taus[0], out=gamma)
-            for tau in taus[1:]:
-                gamma.add_(torch.sign(tau, out=ws.scratch[:n]))
+            _sum_rows(torch.sign(taus, out=agreeing), gamma)
         else:
-            gamma.copy_(taus[0])
-            for tau in taus[1:]:
-                gamma.add_(tau)
+            _sum_rows(taus, gamma)
         if nonfinite is not None and not math.isfinite(float(gamma.sum())):
             if not bool(torch.isfinite(gamma).all()):
                 nonfinite.append("a model's delta")
         gamma.sign_()
-        total.zero_()                                                             # 6-7
-        count = ws.count[:n] if params.merge == "mean" else None
-        if count is not None:
-            count.zero_()
-        scratch = ws.scratch[:n]
-        for tau, weight in zip(taus, weights):
-            torch.mul(tau, gamma, out=scratch)
-            scratch.clamp_min_(0.0)
-            total.add_(scratch)
-            if count is not None:
-                scratch.sign_()
-                if weight != 1.0:
-                    scratch.mul_(weight)
-                count.add_(scratch)
-        if count is not None:
+        torch.mul(taus, gamma, out=agreeing)                                      # 6-7
+        agreeing.clamp_min_(0.0)
+        _sum_rows(agreeing, total)
+        if params.merge == "mean":
+            count = ws.count[:n]
+            agrees = torch.sign(agreeing, out=taus)
+            if constants.weights is not None:
+                agrees.mul_(constants.weights)
+            _sum_rows(agrees, count)
             count.clamp_min_(min(weights))   # where no model agrees the total is 0: 0 / w = 0
             total.div_(count)
         total.mul_(gamma)
     scale = rescale_factor(params.p, params.lam)                                  # 8
     if scale != 1.0:
         total.mul_(scale)
-    total.mul_(params.alpha)                                                      # 9
+    if params.alpha != 1.0:                                                       # 9
+        total.mul_(params.alpha)
     base.add_(total)
     return base
 
@@ -290,18 +357,16 @@ def weighted_sum(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: 
 
 
 def weighted_sum_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
-                       alpha: float, ws: Workspace) -> torch.Tensor:
+                       alpha: float, ws: Workspace, constants: KeyConstants | None = None) -> torch.Tensor:
     """:func:`weighted_sum` with its intermediates in ``ws`` (same bits; a view valid until the next call)."""
     n = theta0.numel()
-    total = ws.total[:n]
-    scratch = ws.scratch[:n]
-    for t, (theta_t, weight) in enumerate(zip(thetas, weights)):
-        target = total if t == 0 else scratch
-        target.copy_(theta_t)
-        if weight != 1.0:
-            target.mul_(weight)
-        if t:
-            total.add_(scratch)
+    rows = ws.taus(len(thetas), n)
+    for t, theta_t in enumerate(thetas):
+        rows[t].copy_(theta_t)
+    scaled = constants.weights if constants is not None else key_constants(None, None, weights, rows.device).weights
+    if scaled is not None:
+        rows.mul_(scaled)
+    total = _sum_rows(rows, ws.total[:n])
     total.div_(sum(weights))
     if alpha == 1.0:
         return total

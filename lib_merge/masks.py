@@ -10,8 +10,14 @@ of ``(seed, K, t, i)``:
   different keys and models are unrelated;
 * each element's 32 bits are ``h = M2 * xs15(M1 * ((G * i) ^ salt))`` modulo
   2^32, where ``xs15(x) = x ^ (x >>> 15)`` (multiply/xor-shift constants of
-  the "lowbias32" family).  The keep test reads the high bits of ``h``, which
-  depend on every bit of ``i`` and of the salt.
+  the "lowbias32" family).  The keep test reads the high 31 bits of ``h``,
+  which depend on every bit of ``i`` and of the salt: with ``r`` those bits
+  read as a signed number (``r = int32(h) >> 1``, uniform on [-2^30, 2^30)),
+  the element is kept iff ``r < 2^30 - round(p * 2^31)``, so the kept fraction
+  is 1 - p to within 2^-31.  Signed on purpose: ``r - limit`` cannot overflow,
+  and its sign bit, spread by an arithmetic shift, is the AND-mask that keeps
+  or clears the float -- four int32 ops, no boolean tensors (which are several
+  times slower on CPU).
 
 It is evaluated with in-place int32 tensor ops (which wrap modulo 2^32 on
 every torch backend), so masks are bit-identical on CPU and CUDA, under any
@@ -21,6 +27,7 @@ plain Python, the executable definition the tests compare against.
 from __future__ import annotations
 
 import hashlib
+from typing import Sequence
 
 import torch
 
@@ -52,23 +59,25 @@ def reference_hash(salt: int, index: int) -> int:
 
 
 def reference_keep(salt: int, index: int, p: float) -> bool:
-    """Keep decision in plain Python: the top 31 bits of the hash against p."""
-    return (reference_hash(salt, index) >> 1) >= _cut31(p)
+    """Keep decision in plain Python: the top 31 bits of the hash, read signed, against p."""
+    return (_as_int32(reference_hash(salt, index)) >> 1) < _keep_limit(p)
 
 
-def _cut31(p: float) -> int:
-    """Keep iff (hash >>> 1) >= this; kept fraction is 1 - p to within 2^-31."""
+def _keep_limit(p: float) -> int:
+    """Keep iff (int32(hash) >> 1) < this; 2^31 - round(p 2^31) of the 2^31 values of r are kept."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"p must satisfy 0 <= p < 1, got {p}")
-    return int(round(p * (1 << 31)))
+    return (1 << 30) - int(round(p * (1 << 31)))
 
 
 class MaskHasher:
     """Evaluates the element hash over index ranges of one device, reusing buffers.
 
-    The per-element work is a handful of in-place int32 ops on a chunk that
-    stays in cache; ``G * i`` for i in [0, chunk) is computed once and shifted
-    by ``G * start`` for every chunk.
+    Rows of a [models, chunk] block share the element indices, so ``G * i`` is
+    computed once per chunk and each model only differs by its salt; every op
+    then runs once over the whole block (one dispatch for all models).
+    Integer constants are held as 0-d tensors: a Python int operand costs a
+    scalar wrap per op, which on CPU is as much as the op itself on a chunk.
     """
 
     def __init__(self, device: torch.device | str = "cpu", max_chunk: int = 1 << 18) -> None:
@@ -76,44 +85,76 @@ class MaskHasher:
         self.max_chunk = max_chunk
         self._golden_ramp = torch.arange(max_chunk, dtype=torch.int32, device=self.device)
         self._golden_ramp.mul_(_as_int32(GOLDEN))
-        self._x = torch.empty(max_chunk, dtype=torch.int32, device=self.device)
-        self._scratch = torch.empty(max_chunk, dtype=torch.int32, device=self.device)
+        self._x = torch.empty(0, dtype=torch.int32, device=self.device)
+        self._scratch = torch.empty(0, dtype=torch.int32, device=self.device)
+        self._constants: dict[int, torch.Tensor] = {}
 
-    def hash_into(self, salt: int, start: int, count: int) -> torch.Tensor:
-        """int32 hash of elements start..start+count-1 (a view into a reused buffer)."""
+    def const(self, value: int) -> torch.Tensor:
+        """A 0-d int32 tensor on the device (cached)."""
+        value = _as_int32(value)
+        tensor = self._constants.get(value)
+        if tensor is None:
+            tensor = self._constants[value] = torch.tensor(value, dtype=torch.int32, device=self.device)
+        return tensor
+
+    def salts(self, salts: Sequence[int]) -> torch.Tensor:
+        """Salts as an int32 column [models, 1], the form :meth:`drop_rows_` takes."""
+        return torch.tensor([_as_int32(v) for v in salts], dtype=torch.int32, device=self.device).reshape(-1, 1)
+
+    def _blocks(self, rows: int, count: int, x: torch.Tensor | None = None,
+                s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is not None and s is not None:
+            return x, s
+        need = rows * count
+        if self._x.numel() < need:
+            self._x = torch.empty(need, dtype=torch.int32, device=self.device)
+            self._scratch = torch.empty(need, dtype=torch.int32, device=self.device)
+        return self._x[:need].view(rows, count), self._scratch[:need].view(rows, count)
+
+    def _hash_rows(self, salts: torch.Tensor, start: int, count: int, x: torch.Tensor | None = None,
+                   s: torch.Tensor | None = None) -> torch.Tensor:
+        """int32 hashes [models, count] of elements start..start+count-1 (into ``x``, or a reused buffer).
+
+        ``x`` and ``s`` ([models, count] int32) let a caller lend its own
+        scratch blocks, so the chunk's working set stays within the cache.
+        """
         if count > self.max_chunk:
             raise ValueError(f"chunk of {count} exceeds the hasher's {self.max_chunk}")
         if start + count > (1 << 31):
             raise ValueError("tensors above 2^31 elements are not supported by the mask hash")
-        x = self._x[:count]
-        s = self._scratch[:count]
-        torch.add(self._golden_ramp[:count], _as_int32(start * GOLDEN), out=x)
-        x.bitwise_xor_(_as_int32(salt))
-        x.mul_(_as_int32(MIX1))
-        s.copy_(x)
-        s.bitwise_right_shift_(15)
-        s.bitwise_and_((1 << 17) - 1)
+        x, s = self._blocks(salts.shape[0], count, x, s)
+        golden_i = s[0]   # G * i for this range; s is free again once x holds it
+        torch.add(self._golden_ramp[:count], self.const(start * GOLDEN), out=golden_i)
+        torch.bitwise_xor(golden_i, salts, out=x)
+        x.mul_(self.const(MIX1))
+        torch.bitwise_right_shift(x, self.const(15), out=s)
+        s.bitwise_and_(self.const((1 << 17) - 1))
         x.bitwise_xor_(s)
-        x.mul_(_as_int32(MIX2))
+        x.mul_(self.const(MIX2))
         return x
 
-    def drop_into(self, values: torch.Tensor, salt: int, start: int, p: float) -> None:
-        """Zero, in place, the elements of a float32 chunk that the mask drops.
+    def hash_into(self, salt: int, start: int, count: int) -> torch.Tensor:
+        """int32 hash of elements start..start+count-1 of one salt (a view into a reused buffer)."""
+        return self._hash_rows(self.salts([salt]), start, count)[0]
 
-        Branch-free: d = cut - 1 - (h >>> 1) is negative exactly for kept
-        elements, so (d >> 31) is all-ones there and zero elsewhere, and an AND
-        on the float's bits keeps or clears it.
+    def drop_rows_(self, values: torch.Tensor, salts: torch.Tensor, start: int, p: float,
+                   x: torch.Tensor | None = None, s: torch.Tensor | None = None) -> None:
+        """Zero, in place, the elements of a float32 block [models, count] that the masks drop.
+
+        Row t uses salt ``salts[t]``; columns are elements start..start+count-1.
         """
         if values.dtype != torch.float32:
-            raise TypeError("drop_into works on float32 chunks")
-        count = values.numel()
-        x = self.hash_into(salt, start, count)
-        x.bitwise_right_shift_(1)
-        x.bitwise_and_(0x7FFFFFFF)
-        x.neg_()
-        x.add_(_cut31(p) - 1)
-        x.bitwise_right_shift_(31)
+            raise TypeError("drop_rows_ works on float32 chunks")
+        rows, count = values.shape
+        x = self._hash_rows(salts, start, count, x, s)
+        x.bitwise_right_shift_(self.const(1))
+        x.sub_(self.const(_keep_limit(p)))
+        x.bitwise_right_shift_(self.const(31))   # all ones where kept, zero where dropped
         values.view(torch.int32).bitwise_and_(x)
+
+    def drop_into(self, values: torch.Tensor, salt: int, start: int, p: float) -> None:
+        """:meth:`drop_rows_` for one flat chunk of one model."""
+        self.drop_rows_(values.view(1, -1), self.salts([salt]), start, p)
 
     def keep_mask(self, salt: int, start: int, count: int, p: float) -> torch.Tensor:
         """Boolean keep-mask of a range (for tests and statistics)."""
@@ -122,8 +163,7 @@ class MaskHasher:
             n = min(self.max_chunk, count - lo)
             x = self.hash_into(salt, start + lo, n)
             x.bitwise_right_shift_(1)
-            x.bitwise_and_(0x7FFFFFFF)
-            torch.ge(x, _cut31(p), out=out[lo:lo + n])
+            torch.lt(x, _keep_limit(p), out=out[lo:lo + n])
         return out
 
 

@@ -46,7 +46,14 @@ def check_output_name(name: str) -> str:
     return stripped
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """os.pwrite until every byte is written (it may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
     if tensor.numel() == 0:
         return memoryview(b"")
@@ -86,6 +93,9 @@ class SafetensorsWriter:
         self._header_len = len(body) + metadata_reserve
         self._header_len += (8 - (8 + self._header_len) % 8) % 8
         self._next = 0
+        self._placed: set[int] = set()
+        data_start = 8 + self._header_len
+        self._offsets = [data_start + self._header[key]["data_offsets"][0] for key, _, _ in self._entries]
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder)
         self._file = os.fdopen(fd, "wb")
         self._guard(lambda: self._file.write(b"\0" * (8 + self._header_len)))
@@ -107,15 +117,42 @@ class SafetensorsWriter:
             self.abort()
             raise OutputError(f"internal: expected {expected_key} {tuple(shape)} {dtype}, got "
                               f"{key} {tuple(tensor.shape)} {tensor.dtype}", self.path, key)
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         self._guard(lambda: self._file.write(data))
         self._next += 1
 
+    @property
+    def temp_path(self) -> str | None:
+        """The hidden file being written (for worker processes that write into it)."""
+        return self._tmp
+
+    def file_offsets(self) -> list[int]:
+        """Absolute file offset of every entry's bytes, in entry order."""
+        return list(self._offsets)
+
+    def write_at(self, index: int, tensor: torch.Tensor) -> None:
+        """Place entry ``index`` at its offset (any order); for merges that finish keys out of order."""
+        key, shape, dtype = self._entries[index]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            self.abort()
+            raise OutputError(f"internal: expected {key} {tuple(shape)} {dtype}, got "
+                              f"{tuple(tensor.shape)} {tensor.dtype}", self.path, key)
+        data = tensor_bytes(tensor)
+        offset = self._offsets[index]
+        self._guard(self._file.flush)
+        self._guard(lambda: pwrite_all(self._file.fileno(), data, offset))
+        self.mark_placed(index)
+
+    def mark_placed(self, index: int) -> None:
+        """Record that entry ``index`` was written at its offset (by this process or a worker)."""
+        self._placed.add(index)
+
     def commit(self, metadata: dict[str, str]) -> str:
         """Write the header with metadata, fsync and give the file its name."""
-        if self._next != len(self._entries):
+        written = len(self._placed) if self._placed else self._next
+        if written != len(self._entries):
             self.abort()
-            raise OutputError(f"internal: only {self._next} of {len(self._entries)} tensors written", self.path)
+            raise OutputError(f"internal: only {written} of {len(self._entries)} tensors written", self.path)
         header = dict(self._header)
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         raw = json.dumps(header, separators=(",", ":")).encode()
