@@ -394,7 +394,9 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
     count), each running torch single-threaded on its own key.  Chunk-sized ops
     with torch's own thread pool pay a barrier per op; when another process
     takes a core, every barrier waits for a descheduled thread, and a merge
-    slowed 30x was measured that way.  Whole keys per thread have no barriers.
+    slowed 30x was measured that way.  Whole keys per thread have no barriers,
+    but each op still hands the GIL over, so threads scale poorly; file merges
+    on the CPU use worker processes instead (parallel.py).
     """
     device = device or default_device()
     report = plan.report
