@@ -34,7 +34,7 @@ import torch
 
 from . import errors
 from .engine import CancelToken, KeyMerger, MergePlan, Progress, compute_task, numel
-from .writer import SafetensorsWriter, pwrite_all, tensor_bytes
+from .writer import SafetensorsWriter, open_for_placing, pwrite_all, tensor_bytes, write_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP_BYTES = 16 << 20          # a worker is handed consecutive keys of about this many output bytes
@@ -141,7 +141,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
     started = time.perf_counter()
     total_bytes = sum(t.dtype.itemsize * numel(t.shape) for t in plan.tasks)
     groups = _groups(plan)
-    setup = {"recipe": plan.recipe, "out_dtype": plan.out_dtype, "temp_path": writer.temp_path,
+    setup = {"recipe": plan.recipe, "out_dtype": plan.out_dtype, "temp_path": writer.temp_path, "out_path": writer.path,
              "offsets": writer.file_offsets(), "chunk": chunk, "fingerprint": plan_fingerprint(plan)}
     inbox: queue.Queue = queue.Queue()
     workers: list[_Worker] = []
@@ -197,7 +197,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
         for ident in range(processes - 1):
             workers.append(_Worker(ident, setup, inbox))
             feed(workers[-1])
-        fd = os.open(writer.temp_path, os.O_WRONLY)
+        fd = open_for_placing(writer.temp_path)
         try:
             while groups:
                 if cancel is not None:
@@ -220,7 +220,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
         success = True
     except OSError as exc:
         writer.abort()
-        raise errors.OutputError(f"write failed: {exc.strerror or exc}; nothing was saved", writer.path) from exc
+        raise write_error(exc, writer.path) from exc
     finally:
         for worker in workers:
             worker.stop(graceful=success)
@@ -242,6 +242,7 @@ def worker_main() -> None:
 
     plan = None
     fd = None
+    setup = None
     try:
         lines = iter(sys.stdin.buffer.readline, b"")
         setup = pickle.loads(base64.b64decode(json.loads(next(lines))["setup"]))
@@ -249,7 +250,7 @@ def worker_main() -> None:
         if plan_fingerprint(plan) != setup["fingerprint"]:
             raise errors.MergeError("internal: a worker process planned the merge differently")
         merger = KeyMerger(plan, "cpu", setup["chunk"])
-        fd = os.open(setup["temp_path"], os.O_WRONLY)
+        fd = open_for_placing(setup["temp_path"])
         for line in lines:
             group = json.loads(line)["keys"]
             nonfinite_before = len(plan.report.nonfinite)
@@ -258,6 +259,8 @@ def worker_main() -> None:
                 pwrite_all(fd, tensor_bytes(tensor), setup["offsets"][index])
             say({"done": group, "nonfinite": plan.report.nonfinite[nonfinite_before:]})
     except BaseException as exc:  # every failure goes back to the parent, which reports it
+        if isinstance(exc, OSError) and setup is not None:
+            exc = write_error(exc, setup["out_path"])
         if isinstance(exc, errors.MergeError):
             say({"error": errors.describe(exc)})
         else:

@@ -46,11 +46,32 @@ def check_output_name(name: str) -> str:
     return stripped
 
 
+def write_error(exc: OSError, path: str) -> OutputError:
+    """The user's message for a failed write: a full disk says so."""
+    if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return OutputError("the disk is full (or the file size limit was reached) while writing; "
+                           "nothing was saved", path)
+    return OutputError(f"write failed: {exc.strerror or exc}; nothing was saved", path)
+
+
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """os.pwrite until every byte is written (it may write less than asked)."""
+    """Write every byte of ``data`` at ``offset`` (os.pwrite may write less than asked).
+
+    Windows has no os.pwrite; there the fd is private to one thread of one
+    process, so seek + write is equivalent.
+    """
     done = 0
     while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+        if hasattr(os, "pwrite"):
+            done += os.pwrite(fd, data[done:], offset + done)
+        else:
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            done += os.write(fd, data[done:])
+
+
+def open_for_placing(path: str) -> int:
+    """A write-only, binary fd on an existing file, for :func:`pwrite_all`."""
+    return os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -105,10 +126,7 @@ class SafetensorsWriter:
             return action()
         except OSError as exc:
             self.abort()
-            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-                raise OutputError("the disk is full (or the file size limit was reached) while writing; "
-                                  "nothing was saved", self.path) from exc
-            raise OutputError(f"write failed: {exc.strerror or exc}; nothing was saved", self.path) from exc
+            raise write_error(exc, self.path) from exc
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         """Append the next tensor (keys must come in the order given at creation)."""
@@ -129,19 +147,6 @@ class SafetensorsWriter:
     def file_offsets(self) -> list[int]:
         """Absolute file offset of every entry's bytes, in entry order."""
         return list(self._offsets)
-
-    def write_at(self, index: int, tensor: torch.Tensor) -> None:
-        """Place entry ``index`` at its offset (any order); for merges that finish keys out of order."""
-        key, shape, dtype = self._entries[index]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-            self.abort()
-            raise OutputError(f"internal: expected {key} {tuple(shape)} {dtype}, got "
-                              f"{tuple(tensor.shape)} {tensor.dtype}", self.path, key)
-        data = tensor_bytes(tensor)
-        offset = self._offsets[index]
-        self._guard(self._file.flush)
-        self._guard(lambda: pwrite_all(self._file.fileno(), data, offset))
-        self.mark_placed(index)
 
     def mark_placed(self, index: int) -> None:
         """Record that entry ``index`` was written at its offset (by this process or a worker)."""

@@ -130,3 +130,29 @@ def test_cli_uses_processes_and_matches_one_process(sd1_set, tmp_path):
         outs.append(load_file(out))
     assert outs[0].keys() == outs[1].keys()
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_full_disk_in_the_processes_says_so_and_leaves_nothing(sd1_set, tmp_path):
+    """RLIMIT_FSIZE (inherited by the workers) stands in for a full disk."""
+    import sys
+    import textwrap
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "full.safetensors"
+    script = textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {root!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))
+        from lib_merge import MergeRecipe, merge_to_file, OutputError, parallel
+        parallel.MIN_PARALLEL_BYTES = 0
+        parallel.GROUP_BYTES = 1 << 16
+        try:
+            merge_to_file(MergeRecipe("ties", {sd1_set['base']!r}, {sd1_set['models']!r}), {str(out)!r},
+                          device="cpu", processes=2)
+        except OutputError as exc:
+            print("ERR", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERR" in proc.stdout and "disk is full" in proc.stdout, proc.stdout + proc.stderr
+    assert str(out) in proc.stdout   # names the file the user asked for, not the hidden temporary one
+    assert os.listdir(tmp_path) == []
