@@ -10,7 +10,6 @@ regenerated from the hash, never stored.
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor

@@ -190,7 +190,6 @@ class Workspace:
         self.total = torch.empty(chunk, dtype=torch.float32, device=device)
         self.count = torch.empty(chunk, dtype=torch.float32, device=device)
         self.vote = torch.empty(chunk, dtype=torch.float32, device=device)
-        self.scratch = torch.empty(chunk, dtype=torch.float32, device=device)
 
     def taus(self, rows: int, n: int) -> torch.Tensor:
         """A contiguous [rows, n] float32 block (rows of a short last chunk stay adjacent)."""
