@@ -32,6 +32,7 @@ from typing import Iterable
 import torch
 
 from ..errors import MergeError
+from . import host
 
 TEST_HOOKS_ENV = "DARE_MERGE_TEST_HOOKS"
 VIRTUAL_SUFFIX = ".dare-merge-in-memory"
@@ -173,6 +174,41 @@ def recipe_doc(recipe) -> dict:
         return json.loads(json.dumps(recipe.to_json_dict(), default=str))
     except Exception:  # metadata is informative only
         return {}
+
+
+
+class CheckpointTracking:
+    """What both hot-loaders know about real checkpoints: the base's listed info, the
+    "Restore original" target, and the current object for a file (refreshes replace them)."""
+
+    original = None
+
+    def _remember_original(self, before, base_info) -> None:
+        """The real checkpoint that "Restore original" goes back to: the one loaded before this merge,
+        unless that was itself a merge (then the one before the first merge stays)."""
+        if before is not None and not host.is_merged_info(before):
+            self.original = before
+        elif self.original is None:
+            self.original = base_info
+
+    @staticmethod
+    def _base_info(path: str):
+        from modules import sd_models
+        real = os.path.realpath(path)
+        for info in host.checkpoint_infos():
+            if os.path.realpath(info.filename) == real:
+                return info
+        return sd_models.CheckpointInfo(path)
+
+    @staticmethod
+    def _current(info):
+        """The listed CheckpointInfo for the same file (refreshes replace the objects)."""
+        if info is None:
+            return None
+        for candidate in host.checkpoint_infos():
+            if candidate.filename == info.filename:
+                return candidate
+        return info
 
 
 class Registry:

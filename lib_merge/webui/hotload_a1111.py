@@ -42,11 +42,11 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+from .hotload import (CheckpointTracking, FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
                       install_module_fault, merged_info, recipe_doc)
 
 
-class A1111HotLoader:
+class A1111HotLoader(CheckpointTracking):
     """``lib_merge.session.HotLoader`` for AUTOMATIC1111 1.10."""
 
     def __init__(self) -> None:
@@ -217,33 +217,6 @@ class A1111HotLoader:
             if m is not keep and host.is_merged_info(getattr(m, "sd_checkpoint_info", None)):
                 data.loaded_sd_models.remove(m)
                 sd_models.send_model_to_trash(m)
-
-    def _remember_original(self, before, base_info) -> None:
-        """The real checkpoint that "Restore original" goes back to: the one loaded before this merge,
-        unless that was itself a merge (then the one before the first merge stays)."""
-        if before is not None and not host.is_merged_info(before):
-            self.original = before
-        elif self.original is None:
-            self.original = base_info
-
-    @staticmethod
-    def _base_info(path: str):
-        from modules import sd_models
-        real = os.path.realpath(path)
-        for info in host.checkpoint_infos():
-            if os.path.realpath(info.filename) == real:
-                return info
-        return sd_models.CheckpointInfo(path)
-
-    @staticmethod
-    def _current(info):
-        """The listed CheckpointInfo for the same file (refreshes replace the objects)."""
-        if info is None:
-            return None
-        for candidate in host.checkpoint_infos():
-            if candidate.filename == info.filename:
-                return candidate
-        return info
 
 
 def _leaf_modules(model) -> list:

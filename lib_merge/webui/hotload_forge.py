@@ -49,13 +49,13 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+from .hotload import (CheckpointTracking, FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
                       install_module_fault, merged_info, recipe_doc)
 
 QUANTIZED = ("nf4", "fp4", "gguf")
 
 
-class ForgeHotLoader:
+class ForgeHotLoader(CheckpointTracking):
     """``lib_merge.session.HotLoader`` for Forge 2 (``f2.*``)."""
 
     def __init__(self) -> None:
@@ -226,32 +226,6 @@ class ForgeHotLoader:
     def install(self) -> None:
         self.registry.install()
         _install_reload_guard()
-
-    def _remember_original(self, before, base_info) -> None:
-        """The real checkpoint that "Restore original" goes back to: the one loaded before this merge,
-        unless that was itself a merge (then the one before the first merge stays)."""
-        if before is not None and not host.is_merged_info(before):
-            self.original = before
-        elif self.original is None:
-            self.original = base_info
-
-    @staticmethod
-    def _base_info(path: str):
-        from modules import sd_models
-        real = os.path.realpath(path)
-        for info in host.checkpoint_infos():
-            if os.path.realpath(info.filename) == real:
-                return info
-        return sd_models.CheckpointInfo(path)
-
-    @staticmethod
-    def _current(info):
-        if info is None:
-            return None
-        for candidate in host.checkpoint_infos():
-            if candidate.filename == info.filename:
-                return candidate
-        return info
 
 
 # -- state dict -> Forge components ------------------------------------------------------
