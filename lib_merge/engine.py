@@ -316,7 +316,6 @@ class KeyMerger:
             alpha = params.alpha
             coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base, models[0]), alpha)
         constants = kernels.key_constants(masks, thresholds, weights, self.device)
-        bad: list[str] = []
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
@@ -325,16 +324,14 @@ class KeyMerger:
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
                 result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
-                                                   thresholds or None, start, nonfinite=bad, constants=constants)
+                                                   thresholds or None, start, constants=constants)
             elif spec.kind == "weighted_sum":
                 result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
                                                     constants)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
-            if not bad and not _fits(result, task.dtype):
-                bad.append("the result")
-            if bad:
-                self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], bad[0])
+            if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
+                self._nonfinite(task, base[start:stop], [m[start:stop] for m in models])
             out[start:stop].copy_(result)
         return out
 
@@ -365,7 +362,7 @@ class KeyMerger:
         pattern = kth_smallest_pattern(magnitudes, kernels.trim_rank(n, params.k))
         return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
 
-    def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor], where: str) -> None:
+    def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
         plan = self.plan
         culprits = [plan.base.path] if not bool(torch.isfinite(base.float()).all()) else []
         culprits += [plan.models[i].path for i, m in zip(task.models, models)
