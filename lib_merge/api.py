@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -23,19 +24,31 @@ from .writer import SafetensorsWriter
 ProgressFn = Callable[[Progress], None]
 
 
+HASH_THREADS = 4   # files hashed at once; more would only make a spinning disk seek
+
+
+def _file_hashes(full: str) -> tuple[str, dict]:
+    sha = sha256_file(full)
+    return full, {"sha256": sha, "hash": short_hash(sha), "legacy_hash": legacy_hash(full)}
+
+
 def input_hashes(recipe: MergeRecipe) -> dict[str, dict]:
-    """sha256, A1111 short hash and legacy hash of every input, keyed by absolute path."""
-    out = {}
-    for path in [recipe.base, *recipe.models]:
-        full = os.path.abspath(path)
-        if full not in out:
-            sha = sha256_file(full)
-            out[full] = {"sha256": sha, "hash": short_hash(sha), "legacy_hash": legacy_hash(full)}
-    return out
+    """sha256, A1111 short hash and legacy hash of every input, keyed by absolute path.
+
+    Files are hashed side by side: hashlib releases the GIL, and on first use
+    sha256 of the inputs costs about a second of CPU per GB, so one thread
+    would still be hashing long after the merge itself is done.
+    """
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in [recipe.base, *recipe.models]))
+    threads = max(1, min(len(paths), HASH_THREADS, os.cpu_count() or 1))
+    if threads == 1:
+        return dict(map(_file_hashes, paths))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dare-merge-hash") as pool:
+        return dict(pool.map(_file_hashes, paths))
 
 
 class _Hasher(threading.Thread):
-    """Hash the inputs on the side while the merge runs (both mostly wait on I/O)."""
+    """Hash the inputs on the side while the merge runs."""
 
     def __init__(self, recipe: MergeRecipe) -> None:
         super().__init__(daemon=True)

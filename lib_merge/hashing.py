@@ -54,9 +54,11 @@ def sha256_file(path: str) -> str:
     if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
         return entry["sha256"]
     digest = hashlib.sha256()
-    with open(real, "rb") as handle:
-        for block in iter(lambda: handle.read(_BLOCK), b""):
-            digest.update(block)
+    block = bytearray(_BLOCK)   # one buffer for the whole file: no 4 MB allocation per read
+    view = memoryview(block)
+    with open(real, "rb", buffering=0) as handle:
+        while count := handle.readinto(block):
+            digest.update(view[:count])
     value = digest.hexdigest()
     with _LOCK:
         data = _load_cache()
