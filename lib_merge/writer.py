@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import tempfile
+import threading
 from typing import Sequence
 
 import torch
@@ -24,6 +25,8 @@ from .errors import OutputError
 
 OUTPUT_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _METADATA_RESERVE = 64 * 1024
+WRITE_BEHIND_BYTES = 256 << 20   # outputs from this size are flushed to disk while they are written
+WRITE_BEHIND_SECONDS = 1.0
 _RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
                    *(f"lpt{i}" for i in range(1, 10))}
 
@@ -81,6 +84,34 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy())
 
 
+class _WriteBehind(threading.Thread):
+    """Flush the file to disk every second while the merge is still computing.
+
+    Linux only starts writing dirty pages back once they pass a tenth of free
+    memory, so a multi-GB output otherwise reaches the disk in the final fsync
+    (1.3 s for 2.1 GB here, ~4 s for an SDXL file) with every core idle.
+    Errors are left to that final fsync, which reports them.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(daemon=True, name="dare-merge-write-behind")
+        self._fd = fd
+        self._done = threading.Event()   # not _stop: Thread has a method of that name
+        self._sync = getattr(os, "fdatasync", os.fsync)
+
+    def run(self) -> None:
+        while not self._done.wait(WRITE_BEHIND_SECONDS):
+            try:
+                self._sync(self._fd)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self.is_alive():
+            self.join()
+
+
 class SafetensorsWriter:
     """Write tensors in a fixed order to ``path`` atomically.
 
@@ -119,7 +150,16 @@ class SafetensorsWriter:
         self._offsets = [data_start + self._header[key]["data_offsets"][0] for key, _, _ in self._entries]
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".part", dir=folder)
         self._file = os.fdopen(fd, "wb")
+        self._write_behind: _WriteBehind | None = None
         self._guard(lambda: self._file.write(b"\0" * (8 + self._header_len)))
+        if self.data_bytes >= WRITE_BEHIND_BYTES:
+            self._write_behind = _WriteBehind(fd)
+            self._write_behind.start()
+
+    def _stop_write_behind(self) -> None:
+        if self._write_behind is not None:
+            self._write_behind.stop()   # before the descriptor closes: it must not sync a reused one
+            self._write_behind = None
 
     def _guard(self, action):
         try:
@@ -166,6 +206,8 @@ class SafetensorsWriter:
             raise OutputError("internal: metadata larger than the reserved header", self.path)
         raw += b" " * (self._header_len - len(raw))
 
+        self._stop_write_behind()
+
         def finish():
             self._file.seek(0)
             self._file.write(struct.pack("<Q", self._header_len))
@@ -193,6 +235,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Close and delete the temporary file (idempotent)."""
+        self._stop_write_behind()
         try:
             if self._file and not self._file.closed:
                 self._file.close()

@@ -172,3 +172,31 @@ def test_hash_of_inputs_in_metadata_matches_sha256(sd1_set, tmp_path):
         sha = hashlib.sha256(f.read()).hexdigest()
     assert doc["base"]["sha256"] == sha and doc["base"]["hash"] == sha[:10]
     assert math.isfinite(doc["p"])
+
+
+def test_write_behind_flushes_during_the_merge_and_stops_on_commit_and_abort(sd1_set, tmp_path, monkeypatch):
+    """The early flush (on for outputs >= 256 MB) is forced on here: same bytes, no thread or file left."""
+    from lib_merge import writer
+
+    recipe = MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"])
+    plain = str(tmp_path / "plain.safetensors")
+    merge_to_file(recipe, plain, device="cpu")
+
+    syncs = []
+    real_sync = getattr(os, "fdatasync", os.fsync)
+    monkeypatch.setattr(writer, "WRITE_BEHIND_BYTES", 0)
+    monkeypatch.setattr(writer, "WRITE_BEHIND_SECONDS", 0.001)
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync",
+                        lambda fd: (syncs.append(fd), real_sync(fd))[1])
+    flushed = str(tmp_path / "flushed.safetensors")
+    merge_to_file(recipe, flushed, device="cpu")
+    with open(plain, "rb") as a, open(flushed, "rb") as b:
+        assert a.read() == b.read()
+    assert syncs, "the write-behind thread never flushed"
+    assert not [t for t in __import__("threading").enumerate() if t.name == "dare-merge-write-behind"]
+
+    entries = [("a", (1024,), torch.float32)]
+    broken = writer.SafetensorsWriter(str(tmp_path / "aborted.safetensors"), entries)
+    broken.abort()
+    assert not [t for t in __import__("threading").enumerate() if t.name == "dare-merge-write-behind"]
+    assert sorted(os.listdir(tmp_path)) == ["flushed.safetensors", "plain.safetensors"]
