@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -193,10 +194,10 @@ def test_write_behind_flushes_during_the_merge_and_stops_on_commit_and_abort(sd1
     with open(plain, "rb") as a, open(flushed, "rb") as b:
         assert a.read() == b.read()
     assert syncs, "the write-behind thread never flushed"
-    assert not [t for t in __import__("threading").enumerate() if t.name == "dare-merge-write-behind"]
+    assert not [t for t in threading.enumerate() if t.name == "dare-merge-write-behind"]
 
     entries = [("a", (1024,), torch.float32)]
     broken = writer.SafetensorsWriter(str(tmp_path / "aborted.safetensors"), entries)
     broken.abort()
-    assert not [t for t in __import__("threading").enumerate() if t.name == "dare-merge-write-behind"]
+    assert not [t for t in threading.enumerate() if t.name == "dare-merge-write-behind"]
     assert sorted(os.listdir(tmp_path)) == ["flushed.safetensors", "plain.safetensors"]
