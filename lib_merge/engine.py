@@ -123,6 +123,11 @@ class KeyTask:
     models: list[int] = field(default_factory=list)   # indices into plan.models present at this key
     channel_slice: int | None = None  # inpainting input conv: merge only the first C channels
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this key in the output (progress, work splitting)."""
+        return self.dtype.itemsize * numel(self.shape)
+
 
 class MergePlan:
     """Opened inputs and a per-key decision, made before any heavy work."""
@@ -398,7 +403,7 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
     report = plan.report
     report.device = str(device)
     started = time.perf_counter()
-    total_bytes = sum(t.dtype.itemsize * numel(t.shape) for t in plan.tasks)
+    total_bytes = sum(t.nbytes for t in plan.tasks)
     done_bytes = 0
     if workers is None:
         workers = 1 if torch.device(device).type != "cpu" else max(1, min(torch.get_num_threads(), 8))
@@ -412,7 +417,7 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
             else:
                 report.merged += 1
             yield task.key, tensor
-            done_bytes += task.dtype.itemsize * numel(task.shape)
+            done_bytes += task.nbytes
             if progress is not None:
                 progress(Progress(index + 1, len(plan.tasks), done_bytes, total_bytes, task.key,
                                   time.perf_counter() - started))

@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from . import errors
-from .engine import CancelToken, KeyMerger, MergePlan, Progress, compute_task, numel
-from .writer import SafetensorsWriter, open_for_placing, pwrite_all, tensor_bytes, write_error
+from .engine import CancelToken, KeyMerger, MergePlan, Progress, compute_task
+from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter, open_for_placing, pwrite_all, tensor_bytes, write_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GROUP_BYTES = 16 << 20          # a worker is handed consecutive keys of about this many output bytes
@@ -52,7 +52,7 @@ def default_processes() -> int:
 
 
 def worth_parallel(plan: MergePlan, processes: int) -> bool:
-    total = sum(t.dtype.itemsize * numel(t.shape) for t in plan.tasks)
+    total = sum(t.nbytes for t in plan.tasks)
     return processes > 1 and total >= MIN_PARALLEL_BYTES
 
 
@@ -68,13 +68,23 @@ def _groups(plan: MergePlan) -> collections.deque:
     size = 0
     for index, task in enumerate(plan.tasks):
         current.append(index)
-        size += task.dtype.itemsize * numel(task.shape)
+        size += task.nbytes
         if size >= GROUP_BYTES:
             groups.append(current)
             current, size = [], 0
     if current:
         groups.append(current)
     return groups
+
+
+def merge_group(plan: MergePlan, merger: KeyMerger, group: list[int], fd: int, offsets: list[int],
+                cancel: CancelToken | None) -> list[str]:
+    """Merge a group of keys and write each at its file offset; the NaN/Inf notes it added to the report."""
+    nonfinite_before = len(plan.report.nonfinite)
+    for index in group:
+        tensor = compute_task(plan, merger, index, cancel, own_memory=False)
+        pwrite_all(fd, tensor_bytes(tensor), offsets[index])
+    return plan.report.nonfinite[nonfinite_before:]
 
 
 class _Worker:
@@ -139,7 +149,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
     report = plan.report
     report.device = "cpu"
     started = time.perf_counter()
-    total_bytes = sum(t.dtype.itemsize * numel(t.shape) for t in plan.tasks)
+    total_bytes = sum(t.nbytes for t in plan.tasks)
     groups = _groups(plan)
     setup = {"recipe": plan.recipe, "out_dtype": plan.out_dtype, "temp_path": writer.temp_path, "out_path": writer.path,
              "offsets": writer.file_offsets(), "chunk": chunk, "fingerprint": plan_fingerprint(plan)}
@@ -161,7 +171,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
             else:
                 report.merged += 1
             done_keys += 1
-            done_bytes += task.dtype.itemsize * numel(task.shape)
+            done_bytes += task.nbytes
         for message in nonfinite:
             if message not in report.nonfinite:
                 report.nonfinite.append(message)
@@ -206,11 +216,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
                 if not groups:
                     break
                 group = groups.popleft()
-                nonfinite_before = len(report.nonfinite)
-                for index in group:
-                    tensor = compute_task(plan, merger, index, cancel, own_memory=False)
-                    pwrite_all(fd, tensor_bytes(tensor), setup["offsets"][index])
-                finished(group, report.nonfinite[nonfinite_before:])
+                finished(group, merge_group(plan, merger, group, fd, setup["offsets"], cancel))
         finally:
             os.close(fd)
         while any(w.outstanding for w in workers):
@@ -253,11 +259,8 @@ def worker_main() -> None:
         fd = open_for_placing(setup["temp_path"])
         for line in lines:
             group = json.loads(line)["keys"]
-            nonfinite_before = len(plan.report.nonfinite)
-            for index in group:
-                tensor = compute_task(plan, merger, index, None, own_memory=False)
-                pwrite_all(fd, tensor_bytes(tensor), setup["offsets"][index])
-            say({"done": group, "nonfinite": plan.report.nonfinite[nonfinite_before:]})
+            nonfinite = merge_group(plan, merger, group, fd, setup["offsets"], None)
+            say({"done": group, "nonfinite": nonfinite})
     except BaseException as exc:  # every failure goes back to the parent, which reports it
         if isinstance(exc, OSError) and setup is not None:
             exc = write_error(exc, setup["out_path"])
@@ -274,5 +277,4 @@ def worker_main() -> None:
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
-    from .writer import OUTPUT_TORCH_DTYPES
     return next(name for name, value in OUTPUT_TORCH_DTYPES.items() if value == dtype)
