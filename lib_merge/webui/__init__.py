@@ -26,12 +26,25 @@ _session: MergeSession | None = None
 _host: host.WebUIHost | None = None
 
 
+def make_hot_loader():
+    """The hot-loader for the host this process runs in (:func:`host.detect`).
+
+    The choice lives here, above the loaders, so the import arrows run one
+    way: this package -> ``hotload_a1111``/``hotload_forge`` ->
+    ``hotload_base`` -> ``host``.
+    """
+    if host.detect() == host.FORGE:
+        from .hotload_forge import ForgeHotLoader
+        return ForgeHotLoader()
+    from .hotload_a1111 import A1111HotLoader
+    return A1111HotLoader()
+
+
 def get_session() -> MergeSession:
     """The process-wide merge session (created on first use; its hot_loader is this host's)."""
     global _session
     with _lock:
         if _session is None:
-            from .hotload import make_hot_loader
             loader = make_hot_loader()
             loader.registry.install()
             _session = MergeSession(host.models_dir(), hot_loader=loader, device=host.merge_device(),
@@ -135,7 +148,7 @@ def on_app_started(_demo, app) -> None:
 
 def on_script_unloaded() -> None:
     """Undo the hooks before the scripts are re-executed (they are installed again then)."""
-    from .hotload import Registry
+    from .hotload_base import Registry
     Registry.uninstall()
     if host.detect() == host.FORGE:
         from .hotload_forge import uninstall_reload_guard
@@ -159,5 +172,5 @@ def install_hooks() -> None:
         loader.registry.install()
 
 
-__all__ = ["get_session", "get_host", "hot_load_recipe", "merge_or_reuse", "status", "on_ui_tabs", "on_ui_settings",
-           "on_app_started", "on_script_unloaded", "install_hooks", "setup"]
+__all__ = ["make_hot_loader", "get_session", "get_host", "hot_load_recipe", "merge_or_reuse", "status", "on_ui_tabs",
+           "on_ui_settings", "on_app_started", "on_script_unloaded", "install_hooks", "setup"]

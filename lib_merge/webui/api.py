@@ -199,7 +199,7 @@ def register(app) -> None:
         return
     from fastapi import Body
     from . import get_session, status
-    from .hotload import FAULTS, test_hooks_enabled
+    from .hotload_base import FAULTS, test_hooks_enabled
     deps = auth_dependencies()
     existing = {getattr(r, "path", None) for r in getattr(app, "routes", [])}
     if f"{PREFIX}/merge" in existing:

@@ -5,8 +5,9 @@ the package stays importable (and testable) without a WebUI.  The rest of
 ``lib_merge.webui`` asks this module for: which host it runs in, the
 checkpoint list and folder, the device, the queue lock, the progress bar
 (``shared.state``) and the extension's settings.  The hot-load itself lives
-in :mod:`lib_merge.webui.hotload` because it is long, but it takes the host
-kind from :func:`detect`.
+in :mod:`.hotload_a1111` and :mod:`.hotload_forge` (shared parts in
+:mod:`.hotload_base`) because it is long; ``lib_merge.webui.make_hot_loader``
+picks one by :func:`detect`.  Nothing here imports those modules.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ the alpha schedule exactly as for a checkpoint read from disk, and sets
 ``sd_model_hash``/``sd_checkpoint_info``/``opts.sd_model_checkpoint``.
 lowvram/medvram hooks stay on the modules, whose weights are on the CPU while
 they are written.  The merge's CheckpointInfo is a new object (see
-:func:`.hotload.merged_info`), which invalidates the prompt cache; the class
+:func:`.hotload_base.merged_info`), which invalidates the prompt cache; the class
 level cond cache and the model's empty-prompt cond are recomputed too.
 
 If anything fails after the first weight was written, the weights that were
@@ -42,8 +42,8 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (CheckpointTracking, FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
-                      install_module_fault, merged_info, recipe_doc)
+from .hotload_base import (CheckpointTracking, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+                           merged_info, recipe_doc)
 
 
 class A1111HotLoader(CheckpointTracking):
@@ -147,30 +147,14 @@ class A1111HotLoader(CheckpointTracking):
         from modules import devices, script_callbacks, sd_hijack, sd_models, sd_unet
         from modules.timer import Timer
         timer = Timer()
-        touched = False
         sd_unet.apply_unet("None")
         sd_models.send_model_to_cpu(model)
         sd_hijack.model_hijack.undo_hijack(model)
         try:
             self._preflight(model, state)
-            hooks = install_module_fault(_leaf_modules(model), FAULTS.take())
-            try:
-                touched = True
-                sd_models.load_model_weights(model, info, state, timer)
-            finally:
-                for handle in hooks:
-                    handle.remove()
-        except BaseException as exc:
-            if not touched:
-                raise
-            detail = f"{type(exc).__name__}: {exc}"
-            try:
-                sd_models.load_model_weights(model, prev_info, prev_state, timer)
-            except BaseException as again:
-                raise HotLoadError(f"hot-load failed ({detail}) and putting back {prev_info.title} failed too "
-                                   f"({again}); load a checkpoint from the list") from exc
-            raise HotLoadError(f"hot-load failed ({detail}); the weights loaded before "
-                               f"({prev_info.title}) were put back") from exc
+            self._write_or_roll_back(lambda: sd_models.load_model_weights(model, info, state, timer),
+                                     _leaf_modules(model), prev_info,
+                                     lambda: sd_models.load_model_weights(model, prev_info, prev_state, timer))
         finally:
             sd_models.checkpoints_loaded.pop(info, None)  # never cache a merge as if it were a file
             sd_hijack.model_hijack.hijack(model)

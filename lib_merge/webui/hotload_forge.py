@@ -49,8 +49,8 @@ import torch
 
 from ..errors import MergeError
 from . import host
-from .hotload import (CheckpointTracking, FAULTS, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
-                      install_module_fault, merged_info, recipe_doc)
+from .hotload_base import (CheckpointTracking, HotLoadError, Registry, clear_prompt_cache, dtype_counts, fingerprint,
+                           merged_info, recipe_doc)
 
 QUANTIZED = ("nf4", "fp4", "gguf")
 
@@ -177,29 +177,14 @@ class ForgeHotLoader(CheckpointTracking):
         self.loaded_state = None
 
     def _swap(self, model, targets, prev_info, prev_state) -> None:
-        touched = False
+        def put_back() -> None:
+            previous = prev_state if prev_state is not None else _read_file(prev_info.filename)
+            _write(_targets(model, split_for_forge(previous)[0]))
+
         try:
             _release_loras(model)
-            after = FAULTS.take()
-            hooks = install_module_fault(_leaf_modules([m for m, _ in targets]), after)
-            try:
-                touched = True
-                _write(targets)
-            finally:
-                for handle in hooks:
-                    handle.remove()
-        except BaseException as exc:
-            if not touched:
-                raise
-            detail = f"{type(exc).__name__}: {exc}"
-            try:
-                previous = prev_state if prev_state is not None else _read_file(prev_info.filename)
-                _write(_targets(model, split_for_forge(previous)[0]))
-            except BaseException as again:
-                raise HotLoadError(f"hot-load failed ({detail}) and putting back {prev_info.title} failed too "
-                                   f"({again}); load a checkpoint from the list") from exc
-            raise HotLoadError(f"hot-load failed ({detail}); the weights loaded before "
-                               f"({prev_info.title}) were put back") from exc
+            self._write_or_roll_back(lambda: _write(targets), _leaf_modules([m for m, _ in targets]), prev_info,
+                                     put_back)
         finally:
             model.current_lora_hash = str([])
             clear_prompt_cache()

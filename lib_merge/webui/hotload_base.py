@@ -1,8 +1,11 @@
-"""Hot-load: put merged weights into the running WebUI model, and take them out again.
+"""What both hot-loaders share: put merged weights into the running WebUI model, and take them out again.
 
-:func:`make_hot_loader` returns the loader for the host :func:`host.detect`
-finds (:mod:`.hotload_a1111` or :mod:`.hotload_forge`); both implement
-``lib_merge.session.HotLoader`` (``load``/``restore``) and share what is here:
+The loaders themselves are :class:`.hotload_a1111.A1111HotLoader` and
+:class:`.hotload_forge.ForgeHotLoader`; both implement
+``lib_merge.session.HotLoader`` (``load``/``restore``), and
+``lib_merge.webui.make_hot_loader`` picks one for the host
+:func:`.host.detect` finds.  This module imports neither of them (the
+arrows run loader -> base -> host).  What is here:
 
 - :func:`merged_info` — the CheckpointInfo a merge is shown as.  Each merge
   gets its own object (A1111 and Forge key the prompt cache on the object),
@@ -16,6 +19,10 @@ finds (:mod:`.hotload_a1111` or :mod:`.hotload_forge`); both implement
   its weights are loaded, across ``sd_models.list_models()`` refreshes (which
   clear the list; without this, the next generation would fall back to some
   other checkpoint).
+- :class:`CheckpointTracking` — the base class of both loaders: the
+  "Restore original" target, the listed CheckpointInfo of a file, and
+  :meth:`CheckpointTracking._write_or_roll_back`, the write-then-put-back
+  loop both loaders run.
 - :data:`FAULTS` — a test hook (only with ``DARE_MERGE_TEST_HOOKS=1``) that
   makes the next hot-load fail part-way, to prove the previous weights come
   back; :func:`fingerprint` hashes every parameter to check exactly that.
@@ -27,7 +34,7 @@ import hashlib
 import json
 import os
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -210,6 +217,39 @@ class CheckpointTracking:
                 return candidate
         return info
 
+    @staticmethod
+    def _write_or_roll_back(write: Callable[[], object], leaf_modules: list, previous,
+                            put_back: Callable[[], object]) -> None:
+        """Run ``write`` (it writes the merge into the model); if it fails, run ``put_back``.
+
+        Both loaders write weights module by module, so a failure part-way
+        (OOM, a bad tensor, the test hook of :data:`FAULTS` armed on
+        ``leaf_modules``) leaves a model that is half one checkpoint and half
+        another.  ``put_back`` writes the previously loaded weights (those of
+        the CheckpointInfo ``previous``) the same way; either way a :class:`HotLoadError` says what happened.  A failure
+        before the first write (arming the hook) is raised as it is.
+        """
+        touched = False
+        try:
+            hooks = install_module_fault(leaf_modules, FAULTS.take())
+            try:
+                touched = True
+                write()
+            finally:
+                for handle in hooks:
+                    handle.remove()
+        except BaseException as exc:
+            if not touched:
+                raise
+            detail = f"{type(exc).__name__}: {exc}"
+            try:
+                put_back()
+            except BaseException as again:
+                raise HotLoadError(f"hot-load failed ({detail}) and putting back {previous.title} failed too "
+                                   f"({again}); load a checkpoint from the list") from exc
+            raise HotLoadError(f"hot-load failed ({detail}); the weights loaded before "
+                               f"({previous.title}) were put back") from exc
+
 
 class Registry:
     """Keeps the loaded merge's CheckpointInfo in the WebUI's checkpoint list.
@@ -314,15 +354,5 @@ def clear_prompt_cache() -> None:
             setattr(cls, attr, [None] * len(current))
 
 
-def make_hot_loader():
-    """The hot-loader for the host this process runs in."""
-    from .host import FORGE, detect
-    if detect() == FORGE:
-        from .hotload_forge import ForgeHotLoader
-        return ForgeHotLoader()
-    from .hotload_a1111 import A1111HotLoader
-    return A1111HotLoader()
-
-
-__all__ = ["make_hot_loader", "merged_info", "Registry", "HotLoadError", "FAULTS", "fingerprint", "dtype_counts",
+__all__ = ["merged_info", "Registry", "CheckpointTracking", "HotLoadError", "FAULTS", "fingerprint", "dtype_counts",
            "clear_prompt_cache", "test_hooks_enabled", "InjectedFault", "install_module_fault"]
