@@ -24,7 +24,7 @@ from ..checkpoint import open_checkpoint
 from ..errors import MergeError, OutputError
 from ..methods import METHODS
 from ..recipe import OUTPUT_DTYPES
-from ..writer import check_output_name
+from ..names import check_save_name
 
 POLL_SECONDS = 0.4
 # Symbols every common font has (emoji need an emoji font, which headless/server machines often lack).
@@ -298,7 +298,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
             keep = (compat.update(), compat.update(), compat.update())
             session = host.session
             try:
-                filename = check_output_name(name_v or "")
+                filename = check_save_name(name_v or "", session.models_dir)
                 target = os.path.join(session.models_dir, filename)
                 if os.path.exists(target) and not overwrite_v:
                     raise OutputError("exists already; tick 'Overwrite' or choose another name", target)
