@@ -5,7 +5,7 @@ Each cell is what the XYZ script does per grid cell: ``MergeSession.merge``
 different p.  "disk" opens the files afresh (memory maps, as without a cache);
 "cache" reads them through :class:`lib_merge.input_cache.InputCache`, filled by
 one earlier cell.  The two alternate, and the figure is the median of each and
-the median ratio (see ../shared/docs/benchmarks.md).  ``--cold`` evicts the
+the median ratio (see benchmarks/README.md, "What is measured").  ``--cold`` evicts the
 inputs from the page cache before every disk cell (posix_fadvise DONTNEED),
 which is what a disk merge costs once the inputs no longer fit in the page
 cache (SDXL with several models); without it the disk cells read warm pages.

@@ -1,6 +1,6 @@
 """The benchmark's jobs, and how each one is spelled for us and for sd-mecha 1.1.8.
 
-Our knobs mean what kernels.md says.  sd-mecha 1.1.8 spells the same maths
+Our knobs mean what lib_merge/kernels.py's module docstring says.  sd-mecha 1.1.8 spells the same maths
 differently (read from its source, sd_mecha/extensions/builtin/merge_methods/
 ties.py and wrappers.py), and two of its boolean flags read backwards:
 

@@ -3,7 +3,7 @@
 For every job the three are run alternately (floor, ours, sd-mecha, floor,
 ours, ...) after the inputs' pages have been read once, and the median of
 each is taken; shared machines are noisy, so the ratios in one run are what
-mean something (see shared docs: benchmarks.md).  Every process is measured
+mean something (see benchmarks/README.md, "What is measured").  Every process is measured
 the same way (benchmarks/measure.py): wall time from spawn to a durable
 output file (the harness fsyncs it after exit if the tool did not), peak
 RssAnon sampled every 50 ms, and the kernel's peak RSS (VmHWM).

@@ -1,4 +1,4 @@
-"""The merge maths, one function per step of the spec (docs: "The merge kernels").
+"""The merge maths, one function per step below (README.md: "The five knobs" and "Methods").
 
 Notation: theta0 = base tensor, theta_t = model t, delta_t = theta_t - theta0.
 Every function works on float32 tensors that are either a whole key or a
@@ -34,7 +34,10 @@ from .select import kth_smallest
 
 @dataclass(frozen=True)
 class DeltaParams:
-    """The knobs of the delta-based methods for one key (see params.py for ranges)."""
+    """The knobs of the delta-based methods for one key.
+
+    Their ranges are ``lib_merge.recipe.RANGES``, checked by ``recipe.check_range``.
+    """
 
     p: float = 0.0          # DARE drop probability
     k: float = 1.0          # TIES keep fraction

@@ -6,6 +6,7 @@ the WebUI's stylesheet and hover titles injected by hand since no WebUI does it.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -58,7 +59,7 @@ def serve(models_dir: str, port: int = 7870, demo: bool = False) -> int:
             print(f"  {path}", flush=True)
         host.refresh()
     try:
-        import gradio  # noqa: F401
+        importlib.import_module("gradio")   # a deliberate availability check: one clear line, not a traceback
     except ImportError:
         raise MergeError("the standalone UI needs gradio: pip install gradio==3.41.2 (or 4.40.0)") from None
     from . import compat

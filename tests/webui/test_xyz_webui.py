@@ -16,7 +16,7 @@ is driven over the API:
 
 Environment: ``WEBUI_ROOT`` / ``FORGE_ROOT`` (an installed WebUI with its
 ``venv``), ``HF_HOME`` for A1111's offline CLIP tokenizer (see
-../shared/docs/real-webui.md), optional ``DARE_WEBUI_TEST_MODELS`` (a folder
+tests/webui/webui_support.py), optional ``DARE_WEBUI_TEST_MODELS`` (a folder
 where the 2.1 GB synthetic checkpoints are kept between runs) and
 ``DARE_XYZ_TEST_PORT`` (default 7875).  Only one WebUI should run at a time on
 a small machine.

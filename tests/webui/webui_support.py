@@ -13,7 +13,9 @@ WebUI's own folders are not touched; the data dir (with saved merges) and
 the server go when the tests end.
 
 A1111 needs its CLIP tokenizer offline: set ``HF_HOME`` to a hub cache that
-has ``openai/clip-vit-large-patch14`` (see docs/real-webui notes).
+has ``openai/clip-vit-large-patch14`` (its vocab.json, merges.txt, special-token
+files and CLIPConfig config.json are enough: the text model is built from the
+config, its weights come from the checkpoint).
 """
 from __future__ import annotations
 
