@@ -1,8 +1,8 @@
 """The merge knobs as X/Y/Z plot axes: definitions, value parsing, range checks, infotext.
 
-Pure Python (no WebUI import) so that it can be unit-tested; the WebUI entry
-``scripts/dare_merge_xyz.py`` turns each :class:`AxisSpec` into the built-in
-``xyz_grid.AxisOption``.
+Pure Python (no WebUI import) so that it can be unit-tested;
+``lib_merge.webui.xyz.register_axes`` turns each :class:`AxisSpec` into the
+built-in ``xyz_grid.AxisOption``.
 
 Why not just give the built-in ``float``/``int`` types: ``xyz_grid`` expands
 ``"0.1-0.9 (+0.2)"`` with ``np.arange(start, end + step, step)`` and
