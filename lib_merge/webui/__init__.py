@@ -112,9 +112,12 @@ def status(with_fingerprint: bool = False) -> dict:
     session = get_session()
     loader = session.hot_loader
     out = dict(session.status())
+    loaded_hash = loader.loaded_recipe_hash()
     out.update({
         "host": host.detect(), "webui_version": host.version(),
-        "loaded_model": loader.loaded_title(), "loaded_recipe_hash": loader.loaded_recipe_hash(),
+        "loaded_model": loader.loaded_title(), "loaded_recipe_hash": loaded_hash,
+        # what is in the model now, not what the last merge did (the user may have switched since)
+        "hot_loaded": loaded_hash is not None, "selected_model": host.setting("sd_model_checkpoint", None),
         "original": getattr(loader._current(loader.original), "title", None),
         "settings": {"device": host.merge_device(), "precision": host.merge_precision(),
                      "cache_mb": host.cache_budget_mb()},
@@ -148,8 +151,10 @@ def on_app_started(_demo, app) -> None:
 
 def on_script_unloaded() -> None:
     """Undo the hooks before the scripts are re-executed (they are installed again then)."""
+    from . import state
     from .hotload_base import Registry
     Registry.uninstall()
+    state.uninstall()
     if host.detect() == host.FORGE:
         from .hotload_forge import uninstall_reload_guard
         uninstall_reload_guard()
@@ -160,6 +165,10 @@ def setup() -> None:
     ``/sdapi/v1/options`` should let API users set them)."""
     install_hooks()
     host.add_settings()
+    from modules import script_callbacks
+
+    from . import state
+    script_callbacks.on_model_loaded(state.on_model_loaded)
 
 
 def install_hooks() -> None:
@@ -170,6 +179,8 @@ def install_hooks() -> None:
         loader.install()
     else:
         loader.registry.install()
+    from . import state
+    state.install()       # select_checkpoint / state-dict / config.json guards (issue 15)
 
 
 __all__ = ["make_hot_loader", "get_session", "get_host", "hot_load_recipe", "merge_or_reuse", "status", "on_ui_tabs",

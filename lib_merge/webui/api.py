@@ -32,7 +32,8 @@ import traceback
 
 from ..errors import MergeCancelled, MergeError, OutputError, ParameterError
 from ..recipe import MergeRecipe
-from ..writer import OUTPUT_TORCH_DTYPES, check_output_name
+from ..names import check_save_name
+from ..writer import OUTPUT_TORCH_DTYPES
 from . import host
 
 PREFIX = "/dare-merge/v1"
@@ -132,7 +133,7 @@ def merge(payload: dict) -> dict:
         raw_name = str(payload.get("save_name") or "").strip()
         if not raw_name:
             raise ParameterError("save_name is required to save")
-        save_name = check_output_name(raw_name)
+        save_name = check_save_name(raw_name, session.models_dir)   # before any merge: 400, not a late OSError
         target = os.path.join(session.models_dir, save_name)
         if os.path.exists(target) and not overwrite:
             raise OutputError("exists already; pass overwrite=true or choose another name", target)

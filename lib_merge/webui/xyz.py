@@ -35,6 +35,8 @@ the recipe for a cell and the after-grid choice are tested in
 from __future__ import annotations
 
 import collections
+import dataclasses
+import os
 import time
 
 from .. import webui as dare_merge
@@ -327,19 +329,47 @@ def cell_recipe(p, args) -> MergeRecipe | None:
     return recipe
 
 
+def rebase(recipe: MergeRecipe, base_path: str | None, title: str = "") -> MergeRecipe:
+    """``recipe`` with ``base_path`` as its base (validated); itself when that is its base already.
+
+    Why: an image that names a checkpoint (``override_settings``, the X/Y/Z
+    "Checkpoint name" axis) while a merge makes it gets that checkpoint as the
+    merge's base, so the image is still a merge and its infotext is true.
+    """
+    if not base_path or os.path.realpath(base_path) == os.path.realpath(recipe.base):
+        return recipe
+    out = dataclasses.replace(recipe, base=base_path)
+    out.validate()
+    log(f"this image names the checkpoint {title or os.path.basename(base_path)}: it is the merge's base for it")
+    return out
+
+
 def before_process(p, args) -> None:
-    """The section's ``before_process``: hot-load the cell's merge and note it in the infotext."""
+    """The section's ``before_process`` (every generation calls it, before the host applies
+    ``override_settings``): hot-load the cell's merge and note it in the infotext.  A checkpoint the
+    image names becomes the merge's base; without a merge, it replaces a loaded merge cleanly
+    (:mod:`.state`)."""
+    from . import state
     try:
         recipe = cell_recipe(p, args)
-        if recipe is None:
-            return
-        result = load_for_generation(recipe)
+        if recipe is not None:
+            named = state.take_checkpoint_override(p)
+            if named is not None:
+                recipe = rebase(recipe, named.filename, named.title)
+            result = load_for_generation(recipe)
+            state.pin_loaded_merge()
     except Exception as exc:
         # before_process errors are only logged by the WebUI; generating anyway would label an image
         # with a merge it was not made with, so stop this generation (and the rest of a grid).
         from modules import shared
         log(f"not generating: {exc}")
         shared.state.interrupted = True
+        return
+    if recipe is None:
+        try:
+            state.yield_to_override(p)
+        except Exception as exc:  # a plain generation must never fail because of the extension
+            log(f"could not prepare the checkpoint override: {exc}")
         return
     params = dict(p.extra_generation_params or {})
     params.update(recipe_infotext(result.recipe, result.recipe_hash))
