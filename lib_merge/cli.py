@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import signal
 import sys
 import threading
@@ -15,9 +17,10 @@ from typing import Sequence
 from .api import merge_to_file
 from .checkpoint import open_checkpoint
 from .engine import CancelToken, Progress, default_device
-from .errors import MergeCancelled, MergeError
+from .errors import MergeCancelled, MergeError, ParameterError
 from .methods import METHODS
-from .recipe import DEFAULT_SEED, OUTPUT_DTYPES, RECIPE_METADATA_KEY, MergeRecipe, recipe_from_metadata
+from .recipe import (DEFAULT_SEED, OUTPUT_DTYPES, RECIPE_METADATA_KEY, MergeRecipe, stored_recipe_from_metadata,
+                     verify_input_hashes, with_overrides)
 
 
 def _merge_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +28,14 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
                        description="Merge a base and N models with DARE/TIES and write a safetensors file.")
     p.add_argument("--base", help="base checkpoint (theta0)")
     p.add_argument("--models", nargs="+", metavar="FILE", help="models to merge into the base")
-    p.add_argument("--method", default="dare_ties_soup", help=f"one of: {', '.join(METHODS)} (default dare_ties_soup)")
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default dare_ties_soup)")
     p.add_argument("--p", type=float, help="DARE drop rate, 0 <= p < 1 (default: the method's preset)")
     p.add_argument("--k", type=float, help="TIES keep fraction, 0 < k <= 1")
     p.add_argument("--alpha", type=float, help="weight of the merged delta, -1..2")
-    p.add_argument("--vote-sgn", action="store_true", default=None,
+    p.add_argument("--vote-sgn", action=argparse.BooleanOptionalAction, default=None,
                    help="elect signs by counting them (TIES-SOUP); note sd-mecha >= 0.1.0 means the opposite")
     p.add_argument("--lambda", dest="lam", type=float, help="DARE rescale strength: delta * (1-p)^-lambda, 0..2")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the DARE masks")
+    p.add_argument("--seed", type=int, help=f"seed of the DARE masks (default {DEFAULT_SEED})")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one positive weight per model")
     p.add_argument("--merge", choices=["mean", "sum"], help="disjoint mean (TIES) or sum (task arithmetic)")
     p.add_argument("--alpha-unet", type=float, help="alpha for UNet keys")
@@ -40,36 +43,120 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-weights", help="alpha multiplier per block: 26 (SD1/SD2) or 20 (SDXL) values, BASE,IN00..,M00,OUT..")
     p.add_argument("--block-p", help="p per block, replacing --p there (same notation)")
     p.add_argument("--block-k", help="k per block, replacing --k there (same notation)")
-    p.add_argument("--merge-vae", action="store_true", help="merge the VAE too (default: the base's VAE)")
-    p.add_argument("--skip-mismatched", action="store_true", help="skip keys whose shapes differ instead of failing")
-    p.add_argument("--allow-nonfinite", action="store_true", help="write a result even if it holds NaN/Inf")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="compute device (default: cuda when available)")
+    p.add_argument("--merge-vae", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge the VAE too (default: the base's VAE)")
+    p.add_argument("--skip-mismatched", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip keys whose shapes differ instead of failing")
+    p.add_argument("--allow-nonfinite", action=argparse.BooleanOptionalAction, default=None,
+                   help="write a result even if it holds NaN/Inf")
+    p.add_argument("--device", help="compute device: cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--processes", type=int, default=None, metavar="N",
-                   help="CPU merges: processes to use (default: one per core; 1 = a single process)")
-    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="fp16", help="output precision (default fp16)")
+                   help="CPU merges: processes to use (default: one per core; 1 = a single process; "
+                        "at most the number of cores)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="output precision (default fp16, or the recipe's)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--recipe", metavar="FILE", help="re-run the recipe stored in a merged checkpoint")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="re-run the recipe stored in a merged checkpoint; flags given with it override it")
+    p.add_argument("--ignore-hash", action="store_true",
+                   help="with --recipe: merge even if an input's sha256 differs from the one recorded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _recipe_from_args(a: argparse.Namespace) -> MergeRecipe:
-    if a.recipe:
-        with open_checkpoint(a.recipe) as ckpt:
-            import os
-            return recipe_from_metadata(ckpt.metadata, [os.path.dirname(os.path.abspath(a.recipe))])
-    if not a.base or not a.models:
-        raise MergeError("--base and --models are required (or --recipe FILE)")
-    return MergeRecipe(
-        method=a.method, base=a.base, models=a.models, p=a.p, k=a.k, alpha=a.alpha, lam=a.lam,
-        vote_sgn=a.vote_sgn, seed=a.seed, weights=a.weights, merge=a.merge, alpha_unet=a.alpha_unet,
-        alpha_te=a.alpha_te, block_alpha=a.block_weights, block_p=a.block_p, block_k=a.block_k,
-        vae="merge" if a.merge_vae else "base", on_mismatch="skip" if a.skip_mismatched else "error",
-        allow_nonfinite=a.allow_nonfinite)
+# --flag attribute -> (recipe field, conversion): the merge flags a recipe can hold.
+_RECIPE_FLAGS = {
+    "base": ("base", None), "models": ("models", None), "method": ("method", None), "p": ("p", None),
+    "k": ("k", None), "alpha": ("alpha", None), "lam": ("lam", None), "vote_sgn": ("vote_sgn", None),
+    "seed": ("seed", None), "weights": ("weights", None), "merge": ("merge", None),
+    "alpha_unet": ("alpha_unet", None), "alpha_te": ("alpha_te", None),
+    "block_weights": ("block_alpha", lambda v: v.strip() or None),
+    "block_p": ("block_p", lambda v: v.strip() or None), "block_k": ("block_k", lambda v: v.strip() or None),
+    "merge_vae": ("vae", lambda v: "merge" if v else "base"),
+    "skip_mismatched": ("on_mismatch", lambda v: "skip" if v else "error"),
+    "allow_nonfinite": ("allow_nonfinite", None),
+}
+
+
+def _given(a: argparse.Namespace) -> dict[str, object]:
+    """Recipe fields the user set explicitly on the command line (unset flags are None)."""
+    out = {}
+    for attr, (field, convert) in _RECIPE_FLAGS.items():
+        value = getattr(a, attr)
+        if value is not None:
+            out[field] = convert(value) if convert else value
+    return out
+
+
+def _recipe_from_args(a: argparse.Namespace) -> tuple[MergeRecipe, str]:
+    """The recipe and output dtype to merge with: from the flags, or a stored recipe they override."""
+    given = _given(a)
+    if not a.recipe:
+        if a.ignore_hash:
+            raise ParameterError("--ignore-hash only applies with --recipe FILE")
+        if not a.base or not a.models:
+            raise MergeError("--base and --models are required (or --recipe FILE)")
+        given.setdefault("method", "dare_ties_soup")
+        return MergeRecipe(**given), a.dtype or "fp16"
+    search = [os.path.dirname(os.path.abspath(a.recipe))]
+    with open_checkpoint(a.recipe) as ckpt:
+        stored = stored_recipe_from_metadata(ckpt.metadata, search, source=a.recipe)
+    recipe, changes = with_overrides(stored.recipe, given)
+    dtype = stored.output_dtype or "fp16"
+    if a.dtype and a.dtype != dtype:
+        changes.append(f"output dtype: {dtype} -> {a.dtype}")
+        dtype = a.dtype
+    elif not stored.output_dtype:
+        print(f"recipe: {a.recipe} records no output dtype; writing {dtype}")
+    for line in changes:
+        print(f"recipe override: {line}")
+    # inputs the user replaced are the user's choice; the rest must be the bytes that were merged
+    kept = [item for item in stored.inputs
+            if not (item.role == "base" and "base" in given) and not (item.role != "base" and "models" in given)]
+    if a.ignore_hash:
+        print("recipe: --ignore-hash: the inputs' sha256 are not checked against the recipe")
+    elif kept:
+        for note in verify_input_hashes(kept, hint=" (--ignore-hash merges it anyway)"):
+            print(f"note: {note}", file=sys.stderr)
+    return recipe, dtype
+
+
+def check_device(name: str) -> str:
+    """Refuse a device torch cannot use here, in one line (instead of torch's assertion deep in the merge)."""
+    import torch
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name == "cpu":
+        return name
+    if not match:
+        raise ParameterError(f"--device {name!r}: not a device this tool runs on; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ParameterError(f"--device {name}: CUDA is not available here (this torch {torch.__version__} sees "
+                             "no GPU); use --device cpu")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ParameterError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return name
+
+
+def check_processes(value: int | None) -> int | None:
+    """``--processes``: refuse 0 and negatives; cap at the cores this process may use (more only thrash)."""
+    if value is None:
+        return None
+    if value < 1:
+        raise ParameterError(f"--processes {value}: give 1 or more (1 = a single process)")
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if value > cores:
+        print(f"note: --processes {value} capped at {cores}, the number of cores here", file=sys.stderr)
+        return cores
+    return value
 
 
 def cmd_merge(a: argparse.Namespace) -> int:
-    recipe = _recipe_from_args(a)
+    device = check_device(a.device) if a.device else default_device()
+    processes = check_processes(a.processes)
+    recipe, dtype = _recipe_from_args(a)
     cancel = CancelToken()
     bar = None
 
@@ -86,9 +173,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        report = merge_to_file(recipe, a.out, out_dtype=a.dtype, overwrite=a.overwrite,
-                               device=a.device or default_device(), progress=progress, cancel=cancel,
-                               processes=a.processes)
+        report = merge_to_file(recipe, a.out, out_dtype=dtype, overwrite=a.overwrite,
+                               device=device, progress=progress, cancel=cancel, processes=processes)
     except KeyboardInterrupt:
         raise MergeCancelled("merge cancelled; nothing was written") from None
     finally:
@@ -153,8 +239,21 @@ def cmd_ui(a: argparse.Namespace) -> int:
     return serve(models_dir=a.models_dir, port=a.port, demo=a.demo)
 
 
+def _prog() -> str:
+    """The name the user typed: the installed ``dare-merge`` command, or ``python -m lib_merge``."""
+    name = os.path.basename(sys.argv[0] if sys.argv else "")
+    return "dare-merge" if name.startswith("dare-merge") else "python -m lib_merge"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (with where to look) and exit 2, like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lib_merge",
+    parser = _OneLineParser(prog=_prog(),
                                      description="Strict DARE/TIES checkpoint merging for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
     _merge_parser(sub)
@@ -193,6 +292,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: a required package is missing or incompatible ({exc}); run bash .ci/setup-env",
               file=sys.stderr)
         return 2
+    except (OSError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
+        # last resort: bad input the library did not turn into a MergeError yet must still be one line
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"error: {one_line(exc)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+DEBUG_ENV = "DARE_MERGE_DEBUG"
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: OSError with its file, others with their type and first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 if __name__ == "__main__":

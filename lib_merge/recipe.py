@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 
 from .arch import BLOCK_COUNTS
@@ -31,6 +33,37 @@ RANGES = {
 }
 KNOB_NAMES = {"p": "p (DARE drop rate)", "k": "k (TIES keep fraction)",
               "lam": "lambda (DARE rescale strength)", "alpha": "alpha"}
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+BLOCK_LABELS = {"block_alpha": "block weights", "block_p": "block p", "block_k": "block k"}
+
+
+def split_block_text(text: str) -> list[str]:
+    """'1, 0.5 0' -> ['1', '0.5', '0'] (the block notation: commas and/or spaces)."""
+    return [t for t in re.split(r"[,\s]+", text.strip()) if t]
+
+
+def check_block_values(name: str, text: str | None) -> None:
+    """Refuse a non-numeric or out-of-range per-block value before any file is opened, naming it."""
+    if text is None:
+        return
+    what = BLOCK_LABELS[name]
+    if not isinstance(text, str):
+        raise ParameterError(f"{what} must be a text of comma-separated numbers, got {text!r}")
+    for i, token in enumerate(split_block_text(text)):
+        try:
+            value = float(token)
+        except ValueError:
+            raise ParameterError(f"{what}: value {i + 1} ({token!r}) is not a number") from None
+        if not math.isfinite(value):
+            raise ParameterError(f"{what}: value {i + 1} ({token!r}) is not a finite number")
+        knob = {"block_p": "p", "block_k": "k"}.get(name)
+        if knob:
+            try:
+                check_range(knob, value)
+            except ParameterError as exc:
+                raise ParameterError(f"{what}: value {i + 1}: {exc}") from None
 
 
 def check_range(name: str, value: float) -> None:
@@ -110,6 +143,14 @@ class MergeRecipe:
             if not w > 0 or w != w or w == float("inf"):
                 raise ParameterError(f"weight {w:g} of model {i + 1} ({os.path.basename(r.models[i])}) "
                                      "must be a positive number")
+            if w > FLOAT32_MAX:
+                raise ParameterError(f"weight {w:g} of model {i + 1} ({os.path.basename(r.models[i])}) is too "
+                                     f"large: the merge computes in float32 (at most {FLOAT32_MAX:.3g})")
+        if math.fsum(r.weights) > FLOAT32_MAX:
+            raise ParameterError(f"the weights add up to {math.fsum(r.weights):g}, more than float32 holds "
+                                 f"({FLOAT32_MAX:.3g}); only their ratios matter in a mean, so scale them down")
+        for name in ("block_alpha", "block_p", "block_k"):
+            check_block_values(name, getattr(r, name))
         if r.merge not in ("mean", "sum"):
             raise ParameterError(f"merge must be 'mean' or 'sum', got {r.merge!r}")
         if r.vae not in ("base", "merge"):
@@ -168,19 +209,11 @@ class MergeRecipe:
     @classmethod
     def from_json_dict(cls, doc: dict, search_dirs: list[str] | None = None) -> "MergeRecipe":
         """Rebuild a recipe from stored JSON; inputs are looked up by path, then by name in search_dirs."""
-        if doc.get("format") != RECIPE_FORMAT:
-            raise ParameterError(f"not a {RECIPE_FORMAT} recipe (format {doc.get('format')!r})")
+        check_recipe_doc(doc)
         known = {f.name for f in fields(cls)} - {"base", "models"}
         kwargs = {k: v for k, v in doc.items() if k in known}
-
-        def locate(entry: dict) -> str:
-            candidates = [entry.get("path")] + [os.path.join(d, entry["file"]) for d in (search_dirs or [])]
-            for c in candidates:
-                if c and os.path.isfile(c):
-                    return c
-            return entry.get("path") or entry["file"]
-
-        return cls(base=locate(doc["base"]), models=[locate(m) for m in doc["models"]], **kwargs)
+        return cls(base=locate_input(doc["base"], search_dirs),
+                   models=[locate_input(m, search_dirs) for m in doc["models"]], **kwargs)
 
     def recipe_hash(self, inputs: dict | None = None) -> str:
         """A short id of the merge result: same knobs and same input contents -> same id."""
@@ -196,22 +229,215 @@ class MergeRecipe:
         for name in ("block_alpha", "block_p", "block_k"):
             text = getattr(self, name)
             if text:
-                n = len([t for t in text.replace(",", " ").split() if t])
+                n = len(split_block_text(text))
                 if n != BLOCK_COUNTS[arch]:
                     raise ParameterError(f"{name.replace('_', ' ')}: {arch.upper()} takes "
                                          f"{BLOCK_COUNTS[arch]} values, got {n}")
 
 
-def recipe_from_metadata(metadata: dict[str, str], search_dirs: list[str] | None = None) -> MergeRecipe:
+# Stored recipe fields: the JSON types each may hold (None = null allowed); required ones have no default.
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple] = {
+    "method": (str,), "p": (*_NUMBER, None), "k": (*_NUMBER, None), "alpha": (*_NUMBER, None),
+    "lam": (*_NUMBER, None), "vote_sgn": (bool, None), "seed": (int,), "weights": (list, None),
+    "merge": (str, None), "alpha_unet": (*_NUMBER, None), "alpha_te": (*_NUMBER, None),
+    "block_alpha": (str, None), "block_p": (str, None), "block_k": (str, None), "vae": (str,),
+    "on_mismatch": (str,), "allow_nonfinite": (bool,), "output_dtype": (str,),
+}
+_TYPE_WORDS = {str: "a text", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               None: "null"}
+
+
+def _type_ok(value: object, allowed: tuple) -> bool:
+    if value is None:
+        return None in allowed
+    if isinstance(value, bool):       # JSON true is not a number here
+        return bool in allowed
+    return any(t is not None and t is not bool and isinstance(value, t) for t in allowed)
+
+
+def _describe(allowed: tuple) -> str:
+    words = []
+    for t in allowed:
+        word = _TYPE_WORDS[t]
+        if word not in words and not (t is int and float in allowed):
+            words.append(word)
+    return " or ".join(words)
+
+
+def _check_input_entry(entry: object, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ParameterError(f"stored recipe: {where} must be an object with a 'file' name, got {entry!r:.60}")
+    if not isinstance(entry.get("file"), str) or not entry["file"]:
+        raise ParameterError(f"stored recipe: {where} has no 'file' name")
+    for key in ("path", "sha256", "hash"):
+        if key in entry and not isinstance(entry[key], str):
+            raise ParameterError(f"stored recipe: {where}.{key} must be a text, got {entry[key]!r:.60}")
+
+
+def check_recipe_doc(doc: object) -> None:
+    """Refuse stored recipe JSON with missing fields or wrong types, naming the field (one line)."""
+    if not isinstance(doc, dict):
+        raise ParameterError(f"stored recipe is not a JSON object (got {type(doc).__name__})")
+    if doc.get("format") != RECIPE_FORMAT:
+        raise ParameterError(f"not a {RECIPE_FORMAT} recipe (format {doc.get('format')!r:.60})")
+    for name in ("method", "base", "models"):
+        if name not in doc:
+            raise ParameterError(f"stored recipe: field '{name}' is missing")
+    for name, allowed in _FIELD_TYPES.items():
+        if name in doc and not _type_ok(doc[name], allowed):
+            raise ParameterError(f"stored recipe: field '{name}' must be {_describe(allowed)}, "
+                                 f"got {doc[name]!r:.60}")
+    if isinstance(doc.get("weights"), list):
+        for i, w in enumerate(doc["weights"]):
+            if not _type_ok(w, _NUMBER):
+                raise ParameterError(f"stored recipe: weights[{i}] must be a number, got {w!r:.60}")
+    if "output_dtype" in doc and doc["output_dtype"] not in OUTPUT_DTYPES:
+        raise ParameterError(f"stored recipe: output_dtype must be one of {', '.join(OUTPUT_DTYPES)}, "
+                             f"got {doc['output_dtype']!r:.60}")
+    _check_input_entry(doc["base"], "base")
+    if not isinstance(doc["models"], list) or not doc["models"]:
+        raise ParameterError(f"stored recipe: 'models' must be a non-empty list, got {doc['models']!r:.60}")
+    for i, entry in enumerate(doc["models"]):
+        _check_input_entry(entry, f"models[{i}]")
+
+
+def locate_input(entry: dict, search_dirs: list[str] | None = None) -> str:
+    """Where a stored input is now: its recorded path if it exists, else its name in ``search_dirs``."""
+    candidates = [entry.get("path")] + [os.path.join(d, entry["file"]) for d in (search_dirs or [])]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    return entry.get("path") or entry["file"]
+
+
+@dataclass
+class StoredInput:
+    """One input named in a stored recipe: where it is now and the hash recorded when it was merged."""
+
+    role: str            # "base" or "model 2"
+    path: str
+    sha256: str | None   # full hex digest, when recorded
+    short: str | None    # A1111 short hash (first 10 hex digits), when recorded
+
+
+@dataclass
+class StoredRecipe:
+    """A recipe read back from a merged file, with what re-running it exactly needs besides the knobs."""
+
+    recipe: MergeRecipe
+    output_dtype: str | None
+    inputs: list[StoredInput]
+
+
+def _doc_from_metadata(metadata: dict[str, str]) -> object:
     raw = metadata.get(RECIPE_METADATA_KEY)
     if not raw:
         raise ParameterError("this file holds no dare-merge recipe in its metadata")
     try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise ParameterError(f"the stored recipe is not valid JSON: {exc}") from exc
-    return MergeRecipe.from_json_dict(doc, search_dirs)
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ParameterError(f"the stored recipe is not valid JSON: {exc}") from None
 
 
-__all__ = ["MergeRecipe", "recipe_from_metadata", "check_range", "RANGES", "DEFAULT_SEED",
-           "OUTPUT_DTYPES", "RECIPE_METADATA_KEY"]
+def recipe_from_metadata(metadata: dict[str, str], search_dirs: list[str] | None = None) -> MergeRecipe:
+    """The recipe stored in a merged checkpoint's metadata (inputs located as :func:`locate_input` does)."""
+    return MergeRecipe.from_json_dict(_doc_from_metadata(metadata), search_dirs)
+
+
+def stored_recipe_from_metadata(metadata: dict[str, str], search_dirs: list[str] | None = None,
+                                source: str | None = None) -> StoredRecipe:
+    """The stored recipe, its output dtype and its inputs' recorded hashes; errors name ``source``."""
+    try:
+        doc = _doc_from_metadata(metadata)
+        recipe = MergeRecipe.from_json_dict(doc, search_dirs)
+    except ParameterError as exc:
+        raise ParameterError(str(exc), source) from None
+    entries = [("base", doc["base"])] + [(f"model {i + 1}", m) for i, m in enumerate(doc["models"])]
+    paths = [recipe.base, *recipe.models]
+    inputs = [StoredInput(role, path, (entry.get("sha256") or "").lower() or None,
+                          (entry.get("hash") or "").lower() or None)
+              for (role, entry), path in zip(entries, paths)]
+    return StoredRecipe(recipe, doc.get("output_dtype"), inputs)
+
+
+def _shown(field: str, value: object) -> str:
+    if value is None:
+        return "unset"
+    if field in ("base",):
+        return os.path.basename(str(value))
+    if field == "models":
+        return ", ".join(os.path.basename(str(m)) for m in value)  # type: ignore[union-attr]
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(_shown("", v) for v in value)
+    return str(value)
+
+
+def with_overrides(recipe: MergeRecipe, overrides: dict[str, object]) -> tuple[MergeRecipe, list[str]]:
+    """The stored recipe with the fields the user gave explicitly replaced; one line per changed field.
+
+    Knobs the user did not give keep their stored (resolved) values, so a
+    re-run changes exactly what was asked for and nothing else.  When the
+    number of models changes and no weights are given, stored weights that
+    no longer fit fall back to 1 each (and that is reported too).
+    """
+    changes = []
+    values = {}
+    for name, new in overrides.items():
+        old = getattr(recipe, name)
+        values[name] = new
+        if new != old:
+            changes.append(f"{name}: {_shown(name, old)} -> {_shown(name, new)}")
+    updated = replace(recipe, **values)
+    if "models" in values and "weights" not in values and updated.weights \
+            and len(updated.weights) != len(updated.models):
+        changes.append(f"weights: {_shown('weights', updated.weights)} -> 1 each (the number of models changed)")
+        updated = replace(updated, weights=None)
+    return updated, changes
+
+
+def verify_input_hashes(inputs: list[StoredInput], threads: int = 4, hint: str = "") -> list[str]:
+    """Check each input against its recorded sha256; raise on the first mismatch, return notes.
+
+    A re-run is only "exactly the same merge" if the inputs are the same
+    bytes: a file of the same name that was re-downloaded, pruned or
+    converted since would silently give another result.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .errors import CheckpointError
+    from .hashing import sha256_file
+
+    notes, todo = [], []
+    for item in inputs:
+        if not (item.sha256 or item.short):
+            notes.append(f"{item.path}: no hash recorded for the {item.role}; its contents are not verified")
+        elif not os.path.isfile(item.path):
+            raise CheckpointError(f"the recipe's {item.role} is not found (looked by path and by name "
+                                  "next to the recipe file)", item.path)
+        else:
+            todo.append(item)
+
+    def digest(item: StoredInput) -> str:
+        try:
+            return sha256_file(item.path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read the recipe's {item.role}: {exc.strerror or exc}", item.path) \
+                from None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo) or 1))) as pool:
+        found = list(pool.map(digest, todo))
+    for item, sha in zip(todo, found):
+        recorded = item.sha256 or item.short
+        if not sha.startswith(recorded):
+            raise CheckpointError(f"sha256 {sha[:10]}… differs from the one the recipe recorded for the "
+                                  f"{item.role} ({recorded[:10]}…): not the file that was merged{hint}", item.path)
+    return notes
+
+
+__all__ = ["MergeRecipe", "recipe_from_metadata", "stored_recipe_from_metadata", "StoredRecipe", "StoredInput",
+           "with_overrides",
+           "verify_input_hashes", "check_recipe_doc", "check_block_values", "check_range", "RANGES",
+           "DEFAULT_SEED", "OUTPUT_DTYPES", "RECIPE_METADATA_KEY"]
