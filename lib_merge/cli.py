@@ -292,6 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: a required package is missing or incompatible ({exc}); run bash .ci/setup-env",
               file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`dare-merge inspect x | head`): nothing to say, and nothing more to print
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except (OSError, ValueError, OverflowError, RecursionError, MemoryError) as exc:
         # last resort: bad input the library did not turn into a MergeError yet must still be one line
         if os.environ.get(DEBUG_ENV):
