@@ -222,16 +222,59 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     return 0
 
 
+SYNTH_BAR_BYTES = 256 << 20   # files at least this big get a progress bar (a full-size SD1 file is 2.1 GB)
+
+
+def _synth_progress(quiet: bool):
+    """A progress callback drawing one tqdm bar per file being written, and a function closing the last one."""
+    bars: dict[str, object] = {}
+
+    def progress(path: str, done: int, total: int) -> None:
+        if quiet or total < SYNTH_BAR_BYTES:
+            return
+        bar = bars.get(path)
+        if bar is None:
+            from tqdm import tqdm
+            close()
+            bar = bars[path] = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(path),
+                                    file=sys.stderr, mininterval=0.5)
+        bar.update(done - bar.n)  # type: ignore[attr-defined]
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()  # type: ignore[attr-defined]
+        bars.clear()
+
+    return progress, close
+
+
 def cmd_synth(a: argparse.Namespace) -> int:
-    from .synth import write_demo_set, write_synthetic
-    if a.demo_set:
-        for path in write_demo_set(a.demo_set, a.arch, a.n_models, a.scale_down, a.dtype):
-            print(path)
+    from .synth import DEMO_SCALE_DOWN, demo_set_paths, synthetic_nbytes, write_demo_set, write_synthetic
+    if a.full_size and a.scale_down is not None:
+        raise ParameterError("give either --full-size or --scale-down, not both")
+    scale = 1 if a.full_size else a.scale_down if a.scale_down is not None else DEMO_SCALE_DOWN
+    if scale < 1:
+        raise ParameterError(f"--scale-down {scale}: give 1 (full size) or more")
+    if a.n_models < 0:
+        raise ParameterError(f"--n-models {a.n_models}: give 0 or more")
+    each = synthetic_nbytes(a.arch, a.dtype, scale)
+    progress, close = _synth_progress(a.quiet)
+    try:
+        if a.demo_set:
+            todo = [p for p, _, _ in demo_set_paths(a.demo_set, a.arch, a.n_models) if not os.path.exists(p)]
+            if todo and not a.quiet:
+                size = "full size" if scale == 1 else f"dimensions / {scale}"
+                print(f"writing {len(todo)} synthetic {a.arch.upper()} checkpoints ({size}, {each / 1e6:,.0f} MB "
+                      f"each) into {a.demo_set}", file=sys.stderr)
+            for path in write_demo_set(a.demo_set, a.arch, a.n_models, scale, a.dtype, progress=progress):
+                print(path)
+            return 0
+        if not a.out:
+            raise MergeError("--out (or --demo-set DIR) is required")
+        print(write_synthetic(a.out, a.arch, a.role, a.seed, a.base_seed, a.dtype, scale, progress=progress))
         return 0
-    if not a.out:
-        raise MergeError("--out (or --demo-set DIR) is required")
-    print(write_synthetic(a.out, a.arch, a.role, a.seed, a.base_seed, a.dtype, a.scale_down))
-    return 0
+    finally:
+        close()
 
 
 def cmd_ui(a: argparse.Namespace) -> int:
@@ -266,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-seed", type=int, default=0)
     p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="fp16")
-    p.add_argument("--scale-down", type=int, default=1, help="divide dimensions > 64 by this (tiny files)")
+    p.add_argument("--scale-down", type=int, metavar="N",
+                   help="divide dimensions > 64 by N (default 8: about 34 MB per SD1 file, as the UI's --demo)")
+    p.add_argument("--full-size", action="store_true",
+                   help="real dimensions (2.1 GB per SD1 file, 6.9 GB per SDXL), with a progress bar")
     p.add_argument("--out")
     p.add_argument("--demo-set", metavar="DIR", help="write a base and --n-models fine-tunes into DIR")
     p.add_argument("--n-models", type=int, default=3)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("ui", help="serve the merge tab on 127.0.0.1 without a WebUI")
     p.add_argument("--models-dir", required=True, help="folder of checkpoints to choose from; merges are saved here")
     p.add_argument("--port", type=int, default=7870)

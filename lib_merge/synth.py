@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -101,11 +101,15 @@ def _finetune_value(key: str, base: torch.Tensor, seed: int, delta_scale: float,
     return out
 
 
-def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int = 0, base_seed: int = 0,
-                    dtype: str = "fp16", scale_down: int = 1, drop_optional: bool = False,
-                    delta_scale: float = 0.01, sparse_frac: float = 0.02, sparse_mult: float = 10.0,
-                    frozen: Sequence[str] = (), overwrite: bool = True) -> str:
-    """Write one synthetic checkpoint; a finetune regenerates its base from ``base_seed``."""
+# What `synth --demo-set` and the standalone UI's --demo write by default: every dimension above 64
+# divided by 8, about 34 MB per SD1 file (full size is 2.1 GB each).
+DEMO_SCALE_DOWN = 8
+
+# progress(path, bytes written so far, bytes in the file)
+SynthProgress = Callable[[str, int, int], None]
+
+
+def _out_entries(arch: str, dtype: str, scale_down: int, drop_optional: bool) -> tuple[list[dict], list[tuple]]:
     float_dtype = OUTPUT_TORCH_DTYPES[dtype]
     entries = synth_entries(arch, scale_down, drop_optional)
     out_entries = []
@@ -113,6 +117,28 @@ def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int 
         src = _JSON_DTYPES[e["dtype"]]
         keep = not src.is_floating_point or e["component"] in _FIXED_DTYPE_COMPONENTS
         out_entries.append((e["key"], tuple(e["shape"]), src if keep else float_dtype))
+    return entries, out_entries
+
+
+def synthetic_nbytes(arch: str = "sd1", dtype: str = "fp16", scale_down: int = 1, drop_optional: bool = False) -> int:
+    """Tensor bytes of one synthetic checkpoint (the file is this plus a small header)."""
+    _, out_entries = _out_entries(arch, dtype, scale_down, drop_optional)
+    return sum(math.prod(shape) * out_dtype.itemsize for _, shape, out_dtype in out_entries)
+
+
+def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int = 0, base_seed: int = 0,
+                    dtype: str = "fp16", scale_down: int = 1, drop_optional: bool = False,
+                    delta_scale: float = 0.01, sparse_frac: float = 0.02, sparse_mult: float = 10.0,
+                    frozen: Sequence[str] = (), overwrite: bool = True, progress: SynthProgress | None = None) -> str:
+    """Write one synthetic checkpoint; a finetune regenerates its base from ``base_seed``.
+
+    ``progress`` is told the bytes written after each tensor: a full-size
+    SD1 file is 2 GB and takes a while, and silence looks like a hang.
+    """
+    float_dtype = OUTPUT_TORCH_DTYPES[dtype]
+    entries, out_entries = _out_entries(arch, dtype, scale_down, drop_optional)
+    total = sum(math.prod(shape) * out_dtype.itemsize for _, shape, out_dtype in out_entries)
+    done = 0
     with SafetensorsWriter(path, out_entries, overwrite=overwrite, metadata_reserve=1024) as writer:
         for e, (key, shape, out_dtype) in zip(entries, out_entries):
             src = _JSON_DTYPES[e["dtype"]]
@@ -121,21 +147,28 @@ def write_synthetic(path: str, arch: str = "sd1", role: str = "base", seed: int 
                     and e["component"] not in _FIXED_DTYPE_COMPONENTS and not key.endswith("logit_scale"):
                 value = _finetune_value(key, value.to(float_dtype), seed, delta_scale, sparse_frac, sparse_mult)
             writer.write(key, value.to(out_dtype))
+            if progress is not None:
+                done += math.prod(shape) * out_dtype.itemsize
+                progress(path, done, total)
         writer.commit({"format": "pt", "synthetic": f"{arch} {role} seed={seed} base_seed={base_seed} "
                                                     f"scale_down={scale_down}"})
     return os.path.abspath(path)
 
 
-def write_demo_set(folder: str, arch: str = "sd1", n_models: int = 3, scale_down: int = 8,
-                   dtype: str = "fp16") -> list[str]:
+def demo_set_paths(folder: str, arch: str = "sd1", n_models: int = 3) -> list[tuple[str, str, int]]:
+    """(path, role, seed) of the files :func:`write_demo_set` writes: a base, then n fine-tunes."""
+    specs = [("base", 0)] + [("finetune", i) for i in range(1, n_models + 1)]
+    return [(os.path.join(folder, f"demo-{arch}-base.safetensors" if role == "base"
+                          else f"demo-{arch}-finetune{seed}.safetensors"), role, seed) for role, seed in specs]
+
+
+def write_demo_set(folder: str, arch: str = "sd1", n_models: int = 3, scale_down: int = DEMO_SCALE_DOWN,
+                   dtype: str = "fp16", progress: SynthProgress | None = None) -> list[str]:
     """A base and n fine-tunes in ``folder`` (skips files that exist)."""
     os.makedirs(folder, exist_ok=True)
     paths = []
-    specs = [("base", 0)] + [("finetune", i) for i in range(1, n_models + 1)]
-    for role, seed in specs:
-        name = f"demo-{arch}-base.safetensors" if role == "base" else f"demo-{arch}-finetune{seed}.safetensors"
-        path = os.path.join(folder, name)
+    for path, role, seed in demo_set_paths(folder, arch, n_models):
         if not os.path.exists(path):
-            write_synthetic(path, arch, role, seed=seed, dtype=dtype, scale_down=scale_down)
+            write_synthetic(path, arch, role, seed=seed, dtype=dtype, scale_down=scale_down, progress=progress)
         paths.append(path)
     return paths

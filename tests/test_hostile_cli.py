@@ -153,3 +153,68 @@ def test_no_traceback_from_a_real_process_for_an_unavailable_device(sd1_set, tmp
                            sd1_set["models"][0], "--device", device, "--out", str(tmp_path / "o.safetensors")],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# -- synth: the demo set is small by default; full size is asked for and shows progress
+
+def test_synth_demo_set_defaults_to_the_ui_scaled_down_set(capsys, tmp_path, monkeypatch):
+    import inspect
+
+    import lib_merge.synth as synth
+    # the standalone UI's --demo calls write_demo_set with its defaults: the same small set
+    assert inspect.signature(synth.write_demo_set).parameters["scale_down"].default == synth.DEMO_SCALE_DOWN
+    seen = {}
+
+    def fake_demo_set(folder, arch, n_models, scale_down, dtype, progress=None):
+        seen.update(folder=folder, scale_down=scale_down)
+        return []
+
+    monkeypatch.setattr(synth, "write_demo_set", fake_demo_set)
+    code, _, _ = run_main(capsys, "synth", "--demo-set", str(tmp_path / "demo"))
+    assert code == 0 and seen["scale_down"] == synth.DEMO_SCALE_DOWN
+
+
+def test_synth_demo_set_file_is_the_small_one_with_real_keys(tmp_path):
+    from lib_merge.checkpoint import open_checkpoint
+    from lib_merge.synth import DEMO_SCALE_DOWN, synth_entries
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "lib_merge", "synth", "--demo-set", str(tmp_path), "--n-models", "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "demo-sd1-base.safetensors"
+    assert proc.stdout.split() == [str(path)] and "dimensions / 8" in proc.stderr
+    assert path.stat().st_size < 40e6   # full size is 2.1 GB
+    with open_checkpoint(str(path)) as ckpt:
+        assert ckpt.arch == "sd1"
+    expected = {e["key"]: e["shape"] for e in synth_entries("sd1", DEMO_SCALE_DOWN)}
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert {k: list(f.get_slice(k).get_shape()) for k in f.keys()} == expected
+
+
+def test_synth_full_size_flag_writes_real_dimensions(capsys, tmp_path, monkeypatch):
+    import lib_merge.synth as synth
+    seen = {}
+    monkeypatch.setattr(synth, "write_synthetic", lambda path, arch, role, seed, base_seed, dtype, scale, progress:
+                        seen.update(scale=scale) or path)
+    code, _, _ = run_main(capsys, "synth", "--out", str(tmp_path / "x.safetensors"), "--full-size")
+    assert code == 0 and seen["scale"] == 1
+
+
+def test_synth_shows_a_progress_bar_for_big_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "SYNTH_BAR_BYTES", 0)   # every file counts as big: a real write, kept small
+    out = tmp_path / "small.safetensors"
+    code, stdout, err = run_main(capsys, "synth", "--out", str(out), "--scale-down", "32")
+    assert code == 0 and out.is_file()
+    assert "small.safetensors" in err and "100%" in err
+    code, _, err = run_main(capsys, "synth", "--out", str(out), "--scale-down", "32", "--quiet")
+    assert code == 0 and "100%" not in err
+
+
+@pytest.mark.parametrize("args,expected", [(["--scale-down", "0"], "--scale-down 0"),
+                                           (["--scale-down", "-2"], "--scale-down -2"),
+                                           (["--full-size", "--scale-down", "4"], "not both"),
+                                           (["--n-models", "-1"], "--n-models -1")])
+def test_synth_bad_sizes_are_one_line(capsys, tmp_path, args, expected):
+    assert expected in one_line(capsys, "synth", "--demo-set", str(tmp_path / "d"), *args)
+    assert not (tmp_path / "d").exists()
