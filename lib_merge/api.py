@@ -7,19 +7,22 @@ The WebUI hot-load, the XYZ cells and the standalone UI call
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
 from .errors import MergeError
-from .parallel import default_processes, worth_parallel, write_parallel
+from .parallel import check_processes, default_processes, worth_parallel, write_parallel
 from .hashing import legacy_hash, sha256_file, short_hash
 from .recipe import RECIPE_METADATA_KEY, MergeRecipe
-from .writer import SafetensorsWriter
+from .writer import SafetensorsWriter, check_output_target
+
+log = logging.getLogger("lib_merge")
 
 ProgressFn = Callable[[Progress], None]
 
@@ -89,21 +92,41 @@ def build_metadata(recipe: MergeRecipe, inputs: dict[str, dict], out_dtype: str)
 def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", overwrite: bool = False,
                   device: str | None = None, progress: ProgressFn | None = None,
                   cancel: CancelToken | None = None, chunk: int | None = None,
-                  workers: int | None = None, processes: int | None = None) -> MergeReport:
+                  workers: int | None = None, processes: int | None = None,
+                  protected_paths: Sequence[str] = (), notify: Callable[[str], None] | None = None
+                  ) -> MergeReport:
     """Merge and write a safetensors file atomically; nothing is left behind on failure.
 
     On the CPU, a large merge runs in ``processes`` processes (default: one per
     core; 1 = this process only, with ``workers`` threads), see parallel.py.
+    The output may never be one of the inputs nor one of ``protected_paths``
+    (a WebUI passes the checkpoint it has loaded), with or without
+    ``overwrite``.  ``notify`` gets one-line notes as they happen (stale
+    temporary files removed); they are in the report's notes as well.
     """
+    capped = None
+    if processes is not None:
+        processes, capped = check_processes(processes)
+    inputs = [recipe.base, *recipe.models] if isinstance(recipe.models, (list, tuple)) else [recipe.base]
+    check_output_target(os.path.abspath(out_path), [*inputs, *protected_paths])   # before any file is opened
     plan = MergePlan(recipe, out_dtype)
     try:
-        hasher = _Hasher(plan.recipe)
-        hasher.start()
+        if capped:
+            plan.report.notes.append(capped)
         device = device or default_device()
         if processes is None:
             processes = default_processes() if workers is None else 1
         use_processes = torch.device(device).type == "cpu" and worth_parallel(plan, processes)
-        with SafetensorsWriter(out_path, plan.output_entries(), overwrite=overwrite) as writer:
+
+        def note(line: str) -> None:
+            plan.report.notes.append(line)   # the summary shows it; a caller may show it at once
+            (notify or log.info)(line)
+
+        with SafetensorsWriter(out_path, plan.output_entries(), overwrite=overwrite,
+                               protected_paths=[plan.recipe.base, *plan.recipe.models, *protected_paths],
+                               notify=note) as writer:
+            hasher = _Hasher(plan.recipe)   # started once the output is accepted
+            hasher.start()
             if use_processes:
                 write_parallel(plan, writer, processes, progress, cancel, chunk)
             else:
