@@ -1,11 +1,18 @@
 """Lazy, validated reading of checkpoints.
 
-safetensors files are parsed here (header checked against the file size, every
-offset range checked) and memory-mapped copy-on-write, so a tensor is a
-zero-copy view whose pages the kernel can drop again: reading N models costs
-page cache, not anonymous memory.  ``.ckpt``/``.pt`` pickles are only ever
-opened with ``torch.load(weights_only=True)``, which refuses pickles that would
-run code.
+safetensors files are parsed here and checked as the format says: one JSON
+object, no duplicate keys, every tensor's dtype, shape and offsets valid, and
+the data offsets tiling the data exactly (no overlap, no gap, nothing after
+the last tensor), so a hostile header is one line naming the file and key.
+``.ckpt``/``.pt`` pickles are only ever opened with
+``torch.load(weights_only=True)``, which refuses pickles that would run code.
+
+Tensors are read with ``pread`` into fresh memory, one key at a time, not
+through a memory map: a file truncated while it is merged (rewritten in place,
+``truncate -s``) makes a mapped read die of SIGBUS, which would kill the CLI
+or the whole WebUI with no message.  A short read or a changed size is
+instead a :class:`CheckpointError` naming the file and key.  (Windows cannot
+truncate a mapped file, so there the memory map stays.)
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,6 +38,41 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_INT_DIGITS = 100           # valid ones fit in 64 bits; up to here the entry check names the key
+_INT64_MAX = (1 << 63) - 1
+USE_MMAP = sys.platform == "win32"   # see the module docstring
+
+
+class _HeaderError(ValueError):
+    """A header that is well-formed JSON in no sense the format allows (raised while parsing)."""
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise _HeaderError(f"holds a {len(text.lstrip('-'))}-digit integer")
+    return int(text)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _HeaderError(f"holds the key {key[:200]!r} twice")
+        out[key] = value
+    return out
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    """Read at ``offset`` into ``view``; the number of bytes read (0 at the end of the file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, min(len(view), 1 << 30), offset)   # older macOS: no preadv
+    view[:len(data)] = data
+    return len(data)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -138,53 +181,123 @@ class SafetensorsCheckpoint(Checkpoint):
                     f"corrupt or truncated safetensors: header length {header_len} "
                     f"runs past the end of the {size}-byte file", path)
             raw = handle.read(header_len)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"corrupt safetensors header (not valid JSON: {exc})", path) from exc
-        if not isinstance(header, dict):
-            raise CheckpointError("corrupt safetensors header (not a JSON object)", path)
+        header = self._parse_header(raw)
         self._data_start = 8 + header_len
         data_len = size - self._data_start
-        meta = header.pop("__metadata__", None) or {}
-        self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise CheckpointError("corrupt safetensors header: __metadata__ must map names to text", path)
+        self.metadata = dict(meta)
         self._offsets: dict[str, int] = {}
+        spans: list[tuple[int, int, str]] = []
         for key, entry in header.items():
-            self._parse_entry(key, entry, data_len)
+            spans.append(self._parse_entry(key, entry, data_len))
+        self._check_tiling(spans, data_len)
+        self._size = size
         self._file = open(path, "rb")
         self._mmap = (mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
-                      if size > 0 else None)
+                      if USE_MMAP and size > 0 else None)
 
-    def _parse_entry(self, key: str, entry: object, data_len: int) -> None:
+    def _parse_header(self, raw: bytes) -> dict:
+        if not raw.lstrip(b" ").startswith(b"{"):
+            raise CheckpointError("corrupt safetensors header (not a JSON object)", self.path)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_parse_int)
+        except _HeaderError as exc:
+            raise CheckpointError(f"corrupt safetensors header: it {exc}", self.path) from None
+        except RecursionError:
+            raise CheckpointError("corrupt safetensors header (JSON nested too deeply)", self.path) from None
+        except ValueError as exc:   # JSONDecodeError, UnicodeDecodeError
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"corrupt safetensors header (not valid JSON: {first})", self.path) from None
+        if not isinstance(header, dict):
+            raise CheckpointError("corrupt safetensors header (not a JSON object)", self.path)
+        return header
+
+    def _parse_entry(self, key: str, entry: object, data_len: int) -> tuple[int, int, str]:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise CheckpointError("corrupt safetensors header entry", self.path, key)
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        name = entry["dtype"]
+        dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
-            raise CheckpointError(f"unsupported dtype {entry['dtype']!r}", self.path, key)
+            raise CheckpointError(f"unsupported dtype {str(name)[:40]!r}", self.path, key)
         shape, offsets = entry["shape"], entry["data_offsets"]
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
+                or not all(_is_int(o) and o >= 0 for o in offsets)):
             raise CheckpointError("corrupt safetensors header entry (shape/offsets)", self.path, key)
+        elements = 1
+        for d in shape:
+            elements *= max(d, 1)
+        if elements > _INT64_MAX:
+            shown = str(shape) if len(str(shape)) <= 80 else str(shape)[:77] + "..."
+            raise CheckpointError(f"shape {shown} is too large (over 2**63 elements or a dimension beyond "
+                                  "2**63)", self.path, key)
         info = TensorInfo(tuple(shape), dtype)
         start, end = offsets
-        if not 0 <= start <= end <= data_len:
+        if not start <= end <= data_len:
             raise CheckpointError(
                 f"data offsets [{start}, {end}) lie outside the file's {data_len} data bytes "
                 f"(truncated or corrupt file)", self.path, key)
         if end - start != info.nbytes:
             raise CheckpointError(
-                f"data offsets span {end - start} bytes but {entry['dtype']}{list(shape)} needs "
+                f"data offsets span {end - start} bytes but {name}{list(shape)} needs "
                 f"{info.nbytes}", self.path, key)
         self._infos[key] = info
         self._offsets[key] = self._data_start + start
+        return start, end, key
+
+    def _check_tiling(self, spans: list[tuple[int, int, str]], data_len: int) -> None:
+        """The tensors' bytes must tile the data exactly, as the format requires (no polyglot files)."""
+        expected, previous = 0, None
+        for start, end, key in sorted(spans):
+            if start < expected:
+                raise CheckpointError(f"data offsets [{start}, {end}) overlap those of key {previous}",
+                                      self.path, key)
+            if start > expected:
+                raise CheckpointError(f"data offsets [{start}, {end}) leave {start - expected} bytes before them "
+                                      "that belong to no tensor (misaligned offsets)", self.path, key)
+            expected, previous = end, key
+        if expected != data_len:
+            raise CheckpointError(f"{data_len - expected} bytes after the last tensor belong to no tensor "
+                                  "(corrupt file, or data appended to it)", self.path)
+
+    def _check_unchanged(self, key: str) -> None:
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+        except (OSError, AttributeError, ValueError) as exc:
+            raise CheckpointError(f"cannot read any more ({exc}); nothing was saved", self.path, key) from None
+        if size != self._size:
+            raise CheckpointError(f"the file changed while it was being read (now {size} bytes, was "
+                                  f"{self._size}); nothing was saved", self.path, key)
 
     def flat(self, key: str) -> torch.Tensor:
         info = self._infos[key]
         if info.numel == 0:
             return torch.empty(0, dtype=info.dtype)
-        return torch.frombuffer(self._mmap, dtype=info.dtype, count=info.numel,
-                                offset=self._offsets[key])
+        if self._mmap is not None:
+            return torch.frombuffer(self._mmap, dtype=info.dtype, count=info.numel,
+                                    offset=self._offsets[key])
+        if self._file is None:
+            raise CheckpointError("read after the file was closed", self.path, key)
+        self._check_unchanged(key)
+        out = torch.empty(info.numel, dtype=info.dtype)
+        view = memoryview(out.view(torch.uint8).numpy())
+        fd, offset, done = self._file.fileno(), self._offsets[key], 0
+        while done < len(view):
+            try:
+                got = _pread_into(fd, view[done:], offset + done)
+            except OSError as exc:
+                raise CheckpointError(f"read failed: {exc.strerror or exc}; nothing was saved",
+                                      self.path, key) from None
+            if got == 0:
+                self._check_unchanged(key)
+                raise CheckpointError("the file ended early while it was being read (truncated while merging?); "
+                                      "nothing was saved", self.path, key)
+            done += got
+        return out
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading a tensor's pages (asynchronous readahead).
@@ -192,10 +305,17 @@ class SafetensorsCheckpoint(Checkpoint):
         The merge of the current key then overlaps the disk reads of the next
         one; with a warm page cache this costs nothing.
         """
-        if self._mmap is None or not hasattr(mmap, "MADV_WILLNEED"):
-            return
         info = self._infos[key]
         start = self._offsets[key]
+        if self._mmap is None:
+            if self._file is not None and info.nbytes and hasattr(os, "posix_fadvise"):
+                try:
+                    os.posix_fadvise(self._file.fileno(), start, info.nbytes, os.POSIX_FADV_WILLNEED)
+                except (OSError, ValueError):
+                    pass
+            return
+        if not hasattr(mmap, "MADV_WILLNEED"):
+            return
         aligned = start - start % mmap.PAGESIZE
         length = start + info.nbytes - aligned
         if length > 0:
@@ -205,7 +325,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 pass
 
     def close(self) -> None:
-        # Views handed out keep the mapping alive; closing it under them would crash,
+        # Views handed out (Windows) keep the mapping alive; closing it under them would crash,
         # so leave the mmap to the garbage collector and close only the descriptor.
         if getattr(self, "_file", None) is not None:
             self._file.close()
