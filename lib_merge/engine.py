@@ -10,6 +10,7 @@ regenerated from the hash, never stored.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ import torch
 from . import kernels
 from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, component_of,
                    parse_block_values)
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
 from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
 from .masks import MaskHasher, mask_salt
 from .select import kth_smallest_pattern
@@ -137,6 +138,7 @@ class MergePlan:
         """``opener`` turns a path into a Checkpoint (the XYZ input cache serves them from memory)."""
         self.notes = recipe.validate()
         self.recipe = recipe.resolved()
+        check_weights_float32(self.recipe)
         if out_dtype not in OUTPUT_TORCH_DTYPES:
             raise ParameterError(f"output dtype must be one of {', '.join(OUTPUT_TORCH_DTYPES)}, got {out_dtype!r}")
         self.out_dtype = OUTPUT_TORCH_DTYPES[out_dtype]
@@ -200,6 +202,7 @@ class MergePlan:
         r, report = self.recipe, None
         report = self.report
         tasks: list[KeyTask] = []
+        kinds: dict[Checkpoint, list[tuple[str, torch.dtype, torch.dtype]]] = {}   # int/bool vs float keys
         base_keys = set(self.base.keys())
         for model in self.models:
             extra = [k for k in model.keys() if k not in base_keys and component_of(k) != EMA]
@@ -212,6 +215,9 @@ class MergePlan:
                 report.dropped += 1
                 continue
             if not info.dtype.is_floating_point:
+                for model in self.models:
+                    if key in model and model.info(key).dtype.is_floating_point:
+                        kinds.setdefault(model, []).append((key, model.info(key).dtype, info.dtype))
                 tasks.append(KeyTask(key, "copy", info.shape, info.dtype))
                 continue
             out_dtype = self.out_dtype
@@ -229,6 +235,11 @@ class MergePlan:
                     report.missing.setdefault(model.name, []).append(key)
                     continue
                 m_shape = model.info(key).shape
+                if not model.info(key).dtype.is_floating_point:
+                    # integer/bool values are not weights: merged as float they would come out
+                    # scaled by nothing sensible, so the base's values stand in (noted below)
+                    kinds.setdefault(model, []).append((key, model.info(key).dtype, info.dtype))
+                    continue
                 if m_shape == info.shape:
                     present.append(index)
                     continue
@@ -253,6 +264,14 @@ class MergePlan:
                 continue
             tasks.append(KeyTask(key, "merge", info.shape, out_dtype, self._key_params(key, component),
                                  present, channel_slice))
+        for model, keys in kinds.items():
+            key, m_dtype, b_dtype = keys[0]
+            report.mismatches.append(
+                f"{model.path}: {len(keys)} key{'s' if len(keys) > 1 else ''} stored as "
+                f"{'integer/bool' if not m_dtype.is_floating_point else 'float'} where the base "
+                f"stores {'float' if b_dtype.is_floating_point else 'integer/bool'} (e.g. {key}: "
+                f"{DTYPE_NAMES.get(m_dtype, m_dtype)} vs {DTYPE_NAMES.get(b_dtype, b_dtype)}); "
+                "not merged from this model: the base's values are kept there")
         report.keys_total = len(tasks)
         return tasks
 
@@ -262,6 +281,33 @@ class MergePlan:
     def close(self) -> None:
         for ckpt in [self.base, *self.models]:
             ckpt.close()
+
+
+FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_weights_float32(recipe: MergeRecipe) -> None:
+    """Refuse model weights that float32, the precision the kernels compute in, cannot hold.
+
+    A weight below the smallest normal float32 becomes 0 there, and a disjoint
+    mean that divides by it yields 0/0 = NaN: that is an underflow, and it is
+    named as one here rather than surfacing later as a NaN "overflow".
+    """
+    import math
+    for i, w in enumerate(recipe.weights or []):
+        name = os.path.basename(recipe.models[i]) if i < len(recipe.models) else f"model {i + 1}"
+        if isinstance(w, (int, float)) and 0 < w < FLOAT32_TINY:
+            raise ParameterError(f"weight {w:g} of model {i + 1} ({name}) is too small: it underflows to 0 in "
+                                 f"float32, the precision the merge computes in (smallest {FLOAT32_TINY:.3g}); "
+                                 "only the ratios of the weights matter in a mean, so scale them all up")
+        if isinstance(w, (int, float)) and w > FLOAT32_MAX:
+            raise ParameterError(f"weight {w:g} of model {i + 1} ({name}) is too large: it overflows float32, "
+                                 f"the precision the merge computes in (at most {FLOAT32_MAX:.3g})")
+    total = math.fsum(w for w in recipe.weights or [] if isinstance(w, (int, float)))
+    if total > FLOAT32_MAX:
+        raise ParameterError(f"the weights add up to {total:g}, more than float32 holds ({FLOAT32_MAX:.3g}); "
+                             "only their ratios matter in a mean, so scale them down")
 
 
 def default_device() -> str:
@@ -307,6 +353,8 @@ class KeyMerger:
         n = base.numel()
         weights = [plan.recipe.weights[i] for i in task.models]
         out = torch.empty(n, dtype=task.dtype)
+        if n == 0:
+            return out   # an empty tensor merges to an empty tensor (no trim rank, no SLERP angle)
         params = task.params
         masks = thresholds = None
         coeffs = None
@@ -336,7 +384,7 @@ class KeyMerger:
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
             if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
-                self._nonfinite(task, base[start:stop], [m[start:stop] for m in models])
+                self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], result)
             out[start:stop].copy_(result)
         return out
 
@@ -367,13 +415,21 @@ class KeyMerger:
         pattern = kth_smallest_pattern(magnitudes, kernels.trim_rank(n, params.k))
         return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
 
-    def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor]) -> None:
+    def _nonfinite(self, task: KeyTask, base: torch.Tensor, models: Sequence[torch.Tensor],
+                   result: torch.Tensor) -> None:
         plan = self.plan
         culprits = [plan.base.path] if not bool(torch.isfinite(base.float()).all()) else []
         culprits += [plan.models[i].path for i, m in zip(task.models, models)
                      if not bool(torch.isfinite(m.float()).all())]
-        source = (f"NaN/Inf in {', '.join(culprits)}" if culprits
-                  else f"the merge produced NaN/Inf (overflow in {plan.out_dtype})")
+        if culprits:
+            source = f"NaN/Inf in {', '.join(culprits)}"
+        elif bool(torch.isnan(result).any()):
+            source = ("the merge produced NaN/Inf (NaN: an undefined 0/0 or inf-inf in float32; a weight or "
+                      "alpha too small or too large for float32 causes it)")
+        else:
+            name = next((k for k, v in OUTPUT_TORCH_DTYPES.items() if v == task.dtype), str(task.dtype))
+            source = (f"the merge produced NaN/Inf (overflow: values beyond the {name} range "
+                      f"±{torch.finfo(task.dtype).max:.6g})")
         message = f"key {task.key}: {source}"
         if plan.recipe.allow_nonfinite:
             if message not in plan.report.nonfinite:

@@ -82,6 +82,8 @@ def trim_threshold(delta: torch.Tensor, k: float) -> torch.Tensor | None:
     if k >= 1.0:
         return None
     flat = delta.reshape(-1)
+    if flat.numel() == 0:
+        return None   # an empty tensor has nothing to trim (and no rank-kk element)
     return kth_smallest(flat.abs(), trim_rank(flat.numel(), k))
 
 
