@@ -108,7 +108,9 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
     if processes is not None:
         processes, capped = check_processes(processes)
     inputs = [recipe.base, *recipe.models] if isinstance(recipe.models, (list, tuple)) else [recipe.base]
-    check_output_target(os.path.abspath(out_path), [*inputs, *protected_paths])   # before any file is opened
+    out_abs = os.path.abspath(out_path)   # checked before any file is opened or hashed
+    check_output_target(out_abs, inputs, "an input of this merge")
+    check_output_target(out_abs, protected_paths, "which is protected (the checkpoint loaded now)")
     plan = MergePlan(recipe, out_dtype)
     try:
         if capped:

@@ -337,6 +337,7 @@ class PickleCheckpoint(Checkpoint):
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
+        self._size = os.path.getsize(path)
         try:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -360,6 +361,16 @@ class PickleCheckpoint(Checkpoint):
             self._infos[key] = TensorInfo(tuple(tensor.shape), tensor.dtype)
 
     def flat(self, key: str) -> torch.Tensor:
+        # torch.load(mmap=True) maps the file: a truncation would be SIGBUS on the next page read.
+        # Loading pickles whole instead would cost their full size in RAM each, so the size is
+        # checked before each key: it narrows the window (safetensors files close it, see above).
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            size = -1
+        if size != self._size:
+            raise CheckpointError(f"the file changed while it was being read (now {max(size, 0)} bytes, was "
+                                  f"{self._size}); nothing was saved", self.path, key)
         return self._tensors[key].reshape(-1)
 
 

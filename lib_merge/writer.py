@@ -91,7 +91,8 @@ def open_for_placing(path: str) -> int:
     return os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0))
 
 
-def check_output_target(path: str, protected_paths: Iterable[str] = ()) -> None:
+def check_output_target(path: str, protected_paths: Iterable[str] = (),
+                        what: str = "which this merge reads or which is loaded now") -> None:
     """Refuse an output that is not a regular file, or that is one of ``protected_paths``.
 
     ``overwrite`` replaces a name, so an output that resolves to an input
@@ -122,8 +123,8 @@ def check_output_target(path: str, protected_paths: Iterable[str] = ()) -> None:
             except OSError:
                 pass
         if same:
-            raise OutputError(f"is the same file as {other}, which this merge reads (or which is loaded now); "
-                              "refusing to write over it, even with overwrite; choose another name", path)
+            raise OutputError(f"is the same file as {other}, {what}; refusing to write over it, "
+                              "even with overwrite; choose another name", path)
 
 
 def create_error(exc: OSError, folder: str) -> OutputError:

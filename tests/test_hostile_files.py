@@ -228,6 +228,27 @@ def test_read_of_a_file_truncated_after_opening_names_file_and_key(sd1_set, tmp_
                 ckpt.tensor(key)
 
 
+def test_pickle_checkpoint_truncated_after_opening_is_one_line(tmp_path):
+    """.ckpt files are memory-mapped by torch.load: the size is checked before each key is read."""
+    path = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": {f"k{i}": torch.randn(64, 1024) for i in range(8)}}, path)
+    proc = run_script(f"""
+        import os
+        from lib_merge.checkpoint import open_checkpoint
+        from lib_merge.errors import CheckpointError
+        ckpt = open_checkpoint({path!r})
+        os.truncate({path!r}, os.path.getsize({path!r}) // 2)
+        try:
+            for key in ckpt.keys():
+                float(ckpt.tensor(key).sum())
+            print("READ")
+        except CheckpointError as exc:
+            print("ERR", exc)
+    """)
+    assert proc.returncode == 0, f"exit {proc.returncode} (-7 is SIGBUS): {proc.stderr[-2000:]}"
+    assert proc.stdout.startswith("ERR") and "model.ckpt: key k0: the file changed" in proc.stdout, proc.stdout
+
+
 # ----------------------------------------------------------------------------- 4. file mode
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
