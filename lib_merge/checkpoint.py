@@ -197,6 +197,12 @@ class SafetensorsCheckpoint(Checkpoint):
         self._check_tiling(spans, data_len)
         self._size = size
         self._file = open(path, "rb")
+        st = os.fstat(self._file.fileno())
+        self._mtime = st.st_mtime_ns
+        if st.st_size != size:
+            self._file.close()
+            raise CheckpointError(f"the file changed while it was being opened (now {st.st_size} bytes, was "
+                                  f"{size})", path)
         self._mmap = (mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_COPY)
                       if USE_MMAP and size > 0 else None)
 
@@ -265,13 +271,17 @@ class SafetensorsCheckpoint(Checkpoint):
                                   "(corrupt file, or data appended to it)", self.path)
 
     def _check_unchanged(self, key: str) -> None:
+        """Size and mtime as when opened: a file rewritten in place, even to the same size, is refused."""
         try:
-            size = os.fstat(self._file.fileno()).st_size
+            st = os.fstat(self._file.fileno())
         except (OSError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"cannot read any more ({exc}); nothing was saved", self.path, key) from None
-        if size != self._size:
-            raise CheckpointError(f"the file changed while it was being read (now {size} bytes, was "
+        if st.st_size != self._size:
+            raise CheckpointError(f"the file changed while it was being read (now {st.st_size} bytes, was "
                                   f"{self._size}); nothing was saved", self.path, key)
+        if st.st_mtime_ns != self._mtime:
+            raise CheckpointError("the file changed while it was being read (it was written to since it was "
+                                  "opened); nothing was saved", self.path, key)
 
     def flat(self, key: str) -> torch.Tensor:
         info = self._infos[key]

@@ -249,6 +249,19 @@ def test_pickle_checkpoint_truncated_after_opening_is_one_line(tmp_path):
     assert proc.stdout.startswith("ERR") and "model.ckpt: key k0: the file changed" in proc.stdout, proc.stdout
 
 
+def test_input_rewritten_in_place_to_the_same_size_is_refused(sd1_set, tmp_path):
+    """`cp other.safetensors model.safetensors` over an open input: same size, new bytes."""
+    _, model = copy_set(sd1_set, tmp_path)
+    with open_checkpoint(model) as ckpt:
+        first = ckpt.keys()[0]
+        ckpt.tensor(first)
+        with open(model, "r+b") as f:   # in place, as cp does: same inode, same size
+            f.write(open(sd1_set["models"][1], "rb").read())
+        os.utime(model, ns=(0, os.stat(model).st_mtime_ns + 10 ** 9))   # coarse clocks: a visibly new mtime
+        with pytest.raises(CheckpointError, match=r"ft\.safetensors: key .*written to since it was opened"):
+            ckpt.tensor(first)
+
+
 # ----------------------------------------------------------------------------- 4. file mode
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
