@@ -24,6 +24,33 @@ MERGE_MODES = ("method default", "mean", "sum")
 # Slider value a knob takes when the method's preset does not name it (the engine's own fallbacks).
 KNOB_FALLBACK = {"p": 0.0, "k": 1.0, "alpha": 1.0, "lam": 1.0, "vote_sgn": False}
 
+# (lowest, highest) a slider offers: the recipe's ranges (recipe.RANGES), with an open end made the
+# nearest value the slider's 0.01 step can reach (p < 1 -> 0.99, k > 0 -> 0.01).
+SLIDER_RANGES = {"p": (0.0, 0.99), "k": (0.01, 1.0), "alpha": (-1.0, 2.0), "lam": (0.0, 2.0),
+                 "alpha_unet": (-1.0, 2.0), "alpha_te": (-1.0, 2.0)}
+
+
+def clamp_knob(knob: str, value: object) -> float | None:
+    """The slider value to show instead of ``value`` when it lies outside the slider, else None.
+
+    A value typed into a slider's number box stays on screen until the box
+    loses focus, while the page already holds the clamped one: 1 shown, 0.99
+    merged.  Answering each typed value with the clamped one keeps the box
+    showing the value the merge will use.
+    """
+    lo, hi = SLIDER_RANGES[knob]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if number != number:
+        return None
+    if number > hi:
+        return hi
+    if number < lo:
+        return lo
+    return None
+
 
 def method_name(title_or_name: str) -> str:
     """Registry name from a dropdown title (or a name already)."""

@@ -15,8 +15,8 @@ from typing import Any, Callable, Iterator
 
 from . import compat
 from .compat import gr
-from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESET_TITLES, FormValues,
-                   knob_is_live, method_name, preset_values)
+from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESET_TITLES, SLIDER_RANGES, FormValues,
+                   clamp_knob, knob_is_live, method_name, preset_values)
 from .host import TabHost
 from .texts import error_text, inspect_text, merged_text, progress_text
 from ..arch import BLOCK_PRESETS, block_preset
@@ -120,14 +120,14 @@ def build_tab(host: TabHost) -> gr.Blocks:
                                          elem_id="dare_merge_method", scale=1)
                     method_help = gr.Markdown(METHODS[DEFAULT_METHOD].help, elem_id="dare_merge_method_help")
                 with gr.Row():
-                    p = gr.Slider(0.0, 0.99, value=default["p"], label="p (DARE drop rate)",
+                    p = gr.Slider(*SLIDER_RANGES["p"], value=default["p"], label="p (DARE drop rate)",
                                   elem_id="dare_merge_p", **slider)
-                    k = gr.Slider(0.01, 1.0, value=default["k"], label="k (TIES keep fraction)",
+                    k = gr.Slider(*SLIDER_RANGES["k"], value=default["k"], label="k (TIES keep fraction)",
                                   elem_id="dare_merge_k", **slider)
                 with gr.Row():
-                    alpha = gr.Slider(-1.0, 2.0, value=default["alpha"], label="alpha (strength)",
+                    alpha = gr.Slider(*SLIDER_RANGES["alpha"], value=default["alpha"], label="alpha (strength)",
                                       elem_id="dare_merge_alpha", **slider)
-                    lam = gr.Slider(0.0, 2.0, value=default["lam"], label="λ (DARE rescale)",
+                    lam = gr.Slider(*SLIDER_RANGES["lam"], value=default["lam"], label="λ (DARE rescale)",
                                     elem_id="dare_merge_lambda", **slider)
                 with gr.Row(equal_height=True):
                     vote_sgn = gr.Checkbox(value=bool(default["vote_sgn"]), label="vote_sgn (count signs)",
@@ -140,9 +140,10 @@ def build_tab(host: TabHost) -> gr.Blocks:
                     with gr.Row():
                         split_alpha = gr.Checkbox(value=False, label="Per-component alpha",
                                                   elem_id="dare_merge_split_alpha")
-                        alpha_unet = gr.Slider(-1.0, 2.0, value=1.0, label="alpha UNet", step=0.01,
+                        alpha_unet = gr.Slider(*SLIDER_RANGES["alpha_unet"], value=1.0, label="alpha UNet", step=0.01,
                                                interactive=False, elem_id="dare_merge_alpha_unet")
-                        alpha_te = gr.Slider(-1.0, 2.0, value=1.0, label="alpha text encoder", step=0.01,
+                        alpha_te = gr.Slider(*SLIDER_RANGES["alpha_te"], value=1.0, label="alpha text encoder",
+                                             step=0.01,
                                              interactive=False, elem_id="dare_merge_alpha_te")
                     with gr.Row():
                         block_preset_dd = gr.Dropdown(choices=[BLOCK_PRESET_OFF, *BLOCK_PRESETS], value=None,
@@ -225,6 +226,18 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 + [compat.update(value=METHODS[name].help)]
 
         method.change(apply_preset, inputs=[method], outputs=[p, k, alpha, lam, vote_sgn, method_help], queue=False)
+
+        # a value typed past a slider's end is answered with the end value at once: the box then shows
+        # what the merge uses (the page clamps it too, but only when the box loses focus)
+        def clamp_to(knob):
+            def clamp(value):
+                clamped = clamp_knob(knob, value)
+                return compat.update() if clamped is None else compat.update(value=clamped)
+            return clamp
+
+        for knob, control in (("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
+                              ("alpha_te", alpha_te)):
+            control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
 
         split_alpha.change(lambda on: (compat.update(interactive=bool(on)), compat.update(interactive=bool(on))),
                            inputs=[split_alpha], outputs=[alpha_unet, alpha_te], queue=False)

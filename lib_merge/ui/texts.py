@@ -38,12 +38,27 @@ def progress_text(ev: Progress | None, what: str = "merging") -> str:
 
 def merged_text(result, hot_loaded: bool) -> str:
     """Status after a merge: what happened, the merge's name, and what to do next."""
-    lines = [result.report.summary(), f"name: {result.name} (recipe hash {result.recipe_hash})"]
+    lines = [result.report.summary(), used_text(result.recipe),
+             f"name: {result.name} (recipe hash {result.recipe_hash})"]
     if hot_loaded:
         lines.append("hot-loaded into the running model; generate to try it, Save to keep it")
     else:
         lines.append("kept in memory; Save writes it to the checkpoint folder without merging again")
     return "\n".join(lines)
+
+
+def used_text(recipe) -> str:
+    """The knob values the merge used (after the method's presets): what the sliders should read."""
+    r = recipe.resolved()
+    parts = [f"p {r.p:g}", f"k {r.k:g}", f"alpha {r.alpha:g}", f"λ {r.lam:g}",
+             f"vote_sgn {'on' if r.vote_sgn else 'off'}", f"seed {r.seed}", f"{r.merge}",
+             "weights " + ", ".join(f"{w:g}" for w in r.weights)]
+    if r.alpha_unet is not None or r.alpha_te is not None:
+        parts.insert(3, f"alpha UNet {r.alpha_unet if r.alpha_unet is not None else r.alpha:g} / "
+                        f"text encoder {r.alpha_te if r.alpha_te is not None else r.alpha:g}")
+    if r.block_alpha or r.block_p or r.block_k:
+        parts.append("block values set")
+    return "used: " + ", ".join(parts)
 
 
 def inspect_text(path: str) -> str:
