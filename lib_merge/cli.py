@@ -332,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MergeCancelled as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:   # Ctrl-C outside a merge (synth, inspect): writers have removed their files
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except MergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
