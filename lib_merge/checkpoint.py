@@ -207,7 +207,7 @@ class SafetensorsCheckpoint(Checkpoint):
                       if USE_MMAP and size > 0 else None)
 
     def _parse_header(self, raw: bytes) -> dict:
-        if not raw.lstrip(b" ").startswith(b"{"):
+        if not raw.startswith(b"{"):   # the format: the header MUST begin with {
             raise CheckpointError("corrupt safetensors header (not a JSON object)", self.path)
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_parse_int)
