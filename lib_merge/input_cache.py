@@ -10,9 +10,22 @@ tier with room:
 1. the merge device (``cuda``) within ``device_budget_mb``, for the tensors
    the kernels read (UNet and text-encoder weights; the VAE too when the
    recipe merges it): the engine's per-chunk ``.to(device)`` is then a no-op;
-2. RAM within ``ram_budget_mb`` (pinned when the device is CUDA, so the copy
-   up is a fast DMA): every other key, and what the device tier had no room for;
+2. RAM within ``ram_budget_mb``, pageable: every other key, and what the
+   device tier had no room for.  Not pinned: torch's pinned allocator rounds
+   each allocation up to a power of two and keeps freed blocks locked, so a
+   "4 GB" budget could lock ~8 GB of RAM for good, and the engine's copies
+   are synchronous, so pinning would buy little;
 3. nowhere: the key is streamed from the file's memory map as without a cache.
+
+Only floating-point keys the kernels read go to the device; integer keys
+(``position_ids``) stay in RAM, so a key the merge copies comes back on the
+CPU like every merged key.  VRAM belongs to the WebUI: the device tier is
+sized per grid by :func:`default_device_budget_mb` (0 under low/medium VRAM
+modes), handed back with :meth:`InputCache.release` (or
+:meth:`InputCache.release_device_tier`) after a grid, and dropped at once,
+with ``empty_cache()`` on the cache's own device and a :attr:`notice` saying
+what to do, when filling it runs out of memory; the inputs are then kept in
+RAM instead.
 
 Tensors are cached on first use, during the first merge (which therefore
 reads the disk once, as it would anyway) and are served from memory from the
@@ -31,6 +44,7 @@ file changes on disk (size or mtime), when the budgets change, or on demand
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -40,11 +54,13 @@ import torch
 
 from .arch import TEXT_ENCODER, UNET, VAE, component_of
 from .checkpoint import Checkpoint, open_checkpoint
+from .compat import cuda_ready, empty_cache, is_out_of_memory, mem_get_info, with_index
 from .hashing import legacy_hash, sha256_file, short_hash
 
 MB = 1 << 20
 DEVICE_TIER = "device"
 RAM_TIER = "ram"
+LOG = logging.getLogger("lib_merge.input_cache")
 
 
 @dataclass
@@ -72,12 +88,14 @@ class CacheStats:
     hits: int
     misses: int
     streamed_bytes: int
+    notice: str = ""
 
     def as_dict(self) -> dict:
         return {"device": self.device, "files": self.files,
                 "device_mb": round(self.device_bytes / MB, 1), "ram_mb": round(self.ram_bytes / MB, 1),
                 "device_budget_mb": self.device_budget // MB, "ram_budget_mb": self.ram_budget // MB,
-                "hits": self.hits, "misses": self.misses, "streamed_mb": round(self.streamed_bytes / MB, 1)}
+                "hits": self.hits, "misses": self.misses, "streamed_mb": round(self.streamed_bytes / MB, 1),
+                "notice": self.notice}
 
     def summary(self) -> str:
         where = [f"{self.ram_bytes / MB:.0f} MB in RAM"]
@@ -123,24 +141,50 @@ def _stamp(real: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def device_key(key: str, merge_vae: bool) -> bool:
-    """Whether the kernels read this key (and so it belongs on the device): UNet/TE, VAE if merged."""
+def device_key(key: str, merge_vae: bool, dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernels read this key (and so it belongs on the device): UNet/TE, VAE if merged.
+
+    With ``dtype``: only floating-point keys; integer ones (``position_ids``)
+    are copied, never merged, and a copy must come back on the CPU.
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        return False
     component = component_of(key)
     return component in (UNET, TEXT_ENCODER) or (merge_vae and component == VAE)
+
+
+def default_device_budget_mb(device: str | torch.device, reserve_mb: float = 2048, lowvram: bool = False,
+                             held_mb: float = 0) -> float:
+    """A device-tier budget that leaves the WebUI what generation needs, measured now (call per grid).
+
+    0 for a non-CUDA device and under ``lowvram`` (A1111's ``--lowvram``/
+    ``--medvram``, Forge's memory manager: the model moves on and off the GPU,
+    so free VRAM measured between steps is not free).  Otherwise half of what
+    the driver reports free on that device (its index kept) after
+    ``reserve_mb`` for sampling, plus ``held_mb`` the cache already holds
+    there (it would be freed before refilling).
+    """
+    if lowvram or torch.device(device).type != "cuda":
+        return 0.0
+    info = mem_get_info(device)
+    if info is None:
+        return 0.0
+    free_mb = info[0] / MB + max(0.0, held_mb)
+    return max(0.0, (free_mb - max(0.0, reserve_mb)) / 2)
 
 
 class InputCache:
     """Per-file tensor cache across merges, within a device and a RAM budget (see the module doc)."""
 
     def __init__(self, device: str | torch.device = "cpu", device_budget_mb: float = 0,
-                 ram_budget_mb: float = 0, opener: Callable[[str], Checkpoint] = open_checkpoint,
-                 pin_memory: bool | None = None) -> None:
+                 ram_budget_mb: float = 0, opener: Callable[[str], Checkpoint] = open_checkpoint) -> None:
         self._lock = threading.RLock()
         self._entries: dict[str, _Entry] = {}
         self._opener = opener
-        self._pin = pin_memory
         self._merge_vae = False
         self._device_full = False
+        self._ram_full = False
+        self.notice = ""  # the last out-of-memory event, one line with advice (for the status line)
         self.device = torch.device(device)
         self.device_budget = 0
         self.ram_budget = 0
@@ -153,9 +197,7 @@ class InputCache:
                   ram_budget_mb: float | None = None) -> None:
         """Change the device or budgets; what was cached under other settings is dropped."""
         with self._lock:
-            new_device = torch.device(device) if device is not None else self.device
-            if new_device.type == "cuda" and new_device.index is None and torch.cuda.is_available():
-                new_device = torch.device("cuda", torch.cuda.current_device())
+            new_device = with_index(device) if device is not None else self.device
             new_dev_budget = int(device_budget_mb * MB) if device_budget_mb is not None else self.device_budget
             new_ram_budget = int(ram_budget_mb * MB) if ram_budget_mb is not None else self.ram_budget
             if new_device.type == "cpu":
@@ -234,24 +276,67 @@ class InputCache:
         nbytes = source.numel() * source.element_size()
         if nbytes == 0:
             return None
-        if (self.device.type != "cpu" and not self._device_full and device_key(key, self._merge_vae)
+        if (self.device.type != "cpu" and not self._device_full
+                and device_key(key, self._merge_vae, source.dtype)
                 and self.used[DEVICE_TIER] + nbytes <= self.device_budget):
             try:
-                kept = source.to(self.device, copy=True)
-            except (torch.OutOfMemoryError, RuntimeError, AssertionError):  # OOM, or a torch without CUDA
-                self._device_full = True  # the WebUI's model needs the room more; RAM from here on
+                kept = self._to_device(source)
+            except Exception as exc:  # OOM, or a torch/driver without this device
+                self._device_failed(exc)   # RAM from here on: the WebUI's model needs the room more
             else:
                 return self._store(entry, key, kept, DEVICE_TIER, nbytes)
-        if self.used[RAM_TIER] + nbytes <= self.ram_budget:
-            kept = torch.empty(source.shape, dtype=source.dtype, pin_memory=self._pinned())
-            kept.copy_(source)
+        if not self._ram_full and self.used[RAM_TIER] + nbytes <= self.ram_budget:
+            try:
+                kept = self._to_ram(source)
+            except (MemoryError, RuntimeError) as exc:   # the RAM budget is more than the machine has
+                if not is_out_of_memory(exc):
+                    raise
+                self._ram_full = True
+                self._set_notice(f"input cache: out of RAM after {self.used[RAM_TIER] / MB:.0f} MB; the other "
+                                 "inputs are read from disk (lower the RAM budget of the input cache)")
+                return None
             return self._store(entry, key, kept, RAM_TIER, nbytes)
         return None
 
-    def _pinned(self) -> bool:
-        if self._pin is not None:
-            return self._pin
-        return self.device.type == "cuda" and torch.cuda.is_available()
+    def _to_ram(self, source: torch.Tensor) -> torch.Tensor:
+        """A RAM copy of ``source`` in pageable memory, out of the file's memory map."""
+        kept = torch.empty(source.shape, dtype=source.dtype)
+        kept.copy_(source)
+        return kept
+
+    def _to_device(self, source: torch.Tensor) -> torch.Tensor:
+        """A device copy of ``source`` (a method so tests can make it fail like a full GPU)."""
+        return source.to(self.device, copy=True)
+
+    def _device_failed(self, exc: BaseException) -> None:
+        """The device tier could not take a tensor: stop using it; on OOM also give back what it holds."""
+        self._device_full = True
+        if not is_out_of_memory(exc):
+            if cuda_ready(self.device):   # a real device that fails otherwise is worth a line in the log
+                LOG.warning("input cache: cannot keep inputs on %s (%s); keeping them in RAM", self.device,
+                            str(exc).splitlines()[0][:200])
+            return
+        held = self.used[DEVICE_TIER]
+        self._drop_tier(DEVICE_TIER)
+        empty_cache(self.device)
+        self._set_notice(f"input cache: out of memory on {self.device} with {held / MB:.0f} MB of inputs cached "
+                         "there; the GPU tier was dropped and inputs are kept in RAM instead (lower the GPU "
+                         "budget of the input cache, or set it to 0 with --medvram/--lowvram)")
+
+    def _set_notice(self, text: str) -> None:
+        self.notice = text
+        LOG.warning(text)
+
+    def _drop_tier(self, tier: str) -> int:
+        """Forget every tensor kept in ``tier``; the bytes it held."""
+        freed = 0
+        for entry in self._entries.values():
+            for key in [k for k, t in entry.tiers.items() if t == tier]:
+                tensor = entry.tensors.pop(key)
+                del entry.tiers[key]
+                freed += tensor.numel() * tensor.element_size()
+        self.used[tier] = 0
+        return freed
 
     def _store(self, entry: _Entry, key: str, tensor: torch.Tensor, tier: str, nbytes: int) -> torch.Tensor:
         entry.tensors[key] = tensor
@@ -275,18 +360,54 @@ class InputCache:
             entry.tensors.clear()
             entry.tiers.clear()
         self.used = {DEVICE_TIER: 0, RAM_TIER: 0}
-        self._device_full = False
+        self._device_full = self._ram_full = False
 
     def drop(self) -> None:
-        """Forget every cached input and close the files (the "drop cache" button)."""
+        """Forget every cached input, close the files and give the device's freed memory back."""
         with self._lock:
             for real in list(self._entries):
                 self._drop_entry(real)
             self.used = {DEVICE_TIER: 0, RAM_TIER: 0}
-            self._device_full = False
+            self._device_full = self._ram_full = False
             self.hits = self.misses = self.streamed_bytes = 0
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        empty_cache(self.device)   # on the cache's own device (its index kept), not the current one
+
+    def release(self) -> str:
+        """:meth:`drop` for callers that end a grid or handle an OOM; returns a line for the log."""
+        with self._lock:
+            device_mb, ram_mb = self.used[DEVICE_TIER] / MB, self.used[RAM_TIER] / MB
+        self.drop()
+        if not device_mb and not ram_mb:
+            return "input cache: empty"
+        where = f"{device_mb:.0f} MB on {self.device} and " if device_mb else ""
+        return f"input cache: released {where}{ram_mb:.0f} MB of RAM"
+
+    def out_of_memory(self) -> None:
+        """A merge ran out of device memory: give the GPU tier back and stop refilling it.
+
+        The RAM tier keeps serving.  The device tier stays off until the
+        settings change (:meth:`configure`) or :meth:`drop`/:meth:`release`.
+        """
+        with self._lock:
+            held = self._drop_tier(DEVICE_TIER)
+            self._device_full = True
+            if held:
+                self._set_notice(f"input cache: {held / MB:.0f} MB on {self.device} given back after an "
+                                 "out-of-memory merge; inputs are kept in RAM until the settings change")
+        empty_cache(self.device)
+
+    def release_device_tier(self) -> int:
+        """Give back the device tier only (the RAM tier keeps serving); the bytes it held.
+
+        For the end of a grid when the RAM tier may stay: generation gets all
+        of its VRAM back, and the next grid refills the GPU from RAM, not disk.
+        """
+        with self._lock:
+            freed = self._drop_tier(DEVICE_TIER)
+            self._device_full = False
+        if freed:
+            empty_cache(self.device)
+        return freed
 
     # -- introspection
     def cached_files(self) -> list[str]:
@@ -302,7 +423,8 @@ class InputCache:
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(str(self.device), len(self._entries), self.used[DEVICE_TIER], self.used[RAM_TIER],
-                              self.device_budget, self.ram_budget, self.hits, self.misses, self.streamed_bytes)
+                              self.device_budget, self.ram_budget, self.hits, self.misses, self.streamed_bytes,
+                              self.notice)
 
 
 # ----------------------------------------------------------------------------- session bridge
@@ -321,10 +443,16 @@ def session_reads_from(session, cache: InputCache | None) -> Iterator[None]:
         return
     previous = session.opener
     session.opener = cache.open
+    hooks = getattr(session, "out_of_memory_hooks", None)
+    if hooks is not None:
+        hooks.append(cache.out_of_memory)
     try:
         yield
     finally:
         session.opener = previous
+        if hooks is not None and cache.out_of_memory in hooks:
+            hooks.remove(cache.out_of_memory)
 
 
-__all__ = ["InputCache", "CachedCheckpoint", "CacheStats", "session_reads_from", "device_key", "MB"]
+__all__ = ["InputCache", "CachedCheckpoint", "CacheStats", "session_reads_from", "device_key",
+           "default_device_budget_mb", "MB"]

@@ -18,6 +18,8 @@ import torch
 
 from .api import build_metadata, input_hashes
 from .checkpoint import Checkpoint, open_checkpoint
+from .compat import OUT_OF_MEMORY_ERRORS, empty_cache, is_out_of_memory
+from .devices import resolve_merge_device
 from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
 from .errors import MergeError, OutputError
 from .recipe import MergeRecipe
@@ -67,22 +69,33 @@ class MergeSession:
         self.merges_performed = 0
         self.last_message = "idle"
         self.hot_loaded = False
+        # called when a device merge runs out of memory, before the CPU retry (the XYZ input cache's
+        # out_of_memory: its GPU tier is given back); see session_reads_from
+        self.out_of_memory_hooks: list[Callable[[], object]] = []
 
     # -- merge
     def merge(self, recipe: MergeRecipe, dtype: str = "fp16", device: str | None = None,
               hot_load: bool = True, progress: Callable[[Progress], None] | None = None,
               inputs: dict[str, dict] | None = None) -> MergeResult:
-        """Merge into memory (and hot-load when a loader is present); one merge at a time."""
+        """Merge into memory (and hot-load when a loader is present); one merge at a time.
+
+        The device is resolved by :func:`~lib_merge.devices.resolve_merge_device`
+        (``mps``/``xpu`` merge on the CPU, with a note in the report).  A GPU
+        merge that runs out of memory is retried on the CPU after the
+        :attr:`out_of_memory_hooks` and ``empty_cache()`` gave the memory back;
+        the report says so in one line with advice.  Nothing is hot-loaded
+        before the merge has succeeded, so a failure leaves the model as it was.
+        """
         with self.lock:
             self.cancel_token = CancelToken()
             started = time.perf_counter()
-            plan = MergePlan(recipe, dtype, opener=self.opener)
+            target = resolve_merge_device(device or self.device)
             try:
-                state = dict(iter_merge(plan, device or self.device, progress, self.cancel_token,
-                                        own_memory=True))
+                plan, state = self._merge_with_fallback(recipe, dtype, target.device, progress)
             finally:
-                plan.close()
                 self.cancel_token = None
+            if target.note:
+                plan.report.notes.append(target.note)
             inputs = inputs if inputs is not None else input_hashes(plan.recipe)
             result = MergeResult(plan.recipe, state, dtype, plan.report, plan.recipe.recipe_hash(inputs), inputs)
             self.merges_performed += 1
@@ -93,6 +106,35 @@ class MergeSession:
             plan.report.seconds = time.perf_counter() - started
             self.last_message = plan.report.summary()
             return result
+
+    def _merge_once(self, recipe: MergeRecipe, dtype: str, device: str,
+                    progress: Callable[[Progress], None] | None) -> tuple[MergePlan, dict[str, torch.Tensor]]:
+        plan = MergePlan(recipe, dtype, opener=self.opener)
+        try:
+            return plan, dict(iter_merge(plan, device, progress, self.cancel_token, own_memory=True))
+        finally:
+            plan.close()
+
+    def _merge_with_fallback(self, recipe: MergeRecipe, dtype: str, device: str,
+                             progress: Callable[[Progress], None] | None
+                             ) -> tuple[MergePlan, dict[str, torch.Tensor]]:
+        failure = None
+        try:
+            return self._merge_once(recipe, dtype, device, progress)
+        except (*OUT_OF_MEMORY_ERRORS, RuntimeError) as exc:
+            if torch.device(device).type == "cpu" or not is_out_of_memory(exc):
+                raise
+            failure = str(exc).splitlines()[0][:160]
+        # outside the except block: the traceback (and the device buffers its frames hold) is gone
+        for hook in list(self.out_of_memory_hooks):
+            hook()
+        empty_cache(device)
+        plan, state = self._merge_once(recipe, dtype, "cpu", progress)
+        plan.report.notes.append(
+            f"out of memory on {device} ({failure}); merged on the CPU instead: the result is the same. To merge "
+            "on the GPU, free VRAM (--medvram/--lowvram), lower the X/Y/Z GPU cache budget, or choose the cpu "
+            "merge device to skip this attempt")
+        return plan, state
 
     def cancel(self) -> bool:
         token = self.cancel_token

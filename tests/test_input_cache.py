@@ -23,6 +23,7 @@ KEEP = ("model.diffusion_model.input_blocks.1.1.", "model.diffusion_model.out.",
         "first_stage_model.decoder.conv_out.", "first_stage_model.quant_conv.", "model_ema.decay", "alphas_cumprod")
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
 VAE_KEY = "first_stage_model.decoder.conv_out.weight"
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
 
 def _write(path: str, role: str, seed: int, scale: float = 0.01) -> str:
@@ -150,6 +151,8 @@ def test_device_tier(mini):
     """UNet/TE keys go to the device within its budget, the rest to RAM; without CUDA it falls back to RAM."""
     assert device_key(UNET_KEY, merge_vae=False) and not device_key(VAE_KEY, merge_vae=False)
     assert device_key(VAE_KEY, merge_vae=True) and not device_key("alphas_cumprod", merge_vae=True)
+    assert not device_key(POSITION_IDS, merge_vae=False, dtype=torch.int64)   # copied, never merged
+    assert device_key(POSITION_IDS.replace("position_ids", "token_embedding.weight"), False, torch.float16)
     recipe = _recipe(mini)
     reference = _merge(recipe)
     cache = InputCache("cuda", device_budget_mb=64, ram_budget_mb=64)
@@ -159,11 +162,106 @@ def test_device_tier(mini):
         assert stats.device_bytes > 0
         assert cache.tier_of(mini["base"], UNET_KEY) == DEVICE_TIER
         assert cache.tier_of(mini["base"], VAE_KEY) == RAM_TIER
+        assert cache.tier_of(mini["base"], POSITION_IDS) == RAM_TIER
     else:
-        # this CPU build cannot allocate on cuda: the cache notices once and keeps everything in RAM
+        # no CUDA here (a CPU build, or a CUDA build without a driver): RAM from the first failed copy on
         assert stats.device_bytes == 0 and stats.ram_bytes > 0
         assert cache.tier_of(mini["base"], UNET_KEY) == RAM_TIER
+        assert stats.notice == ""   # not an out-of-memory event: nothing to tell the user
+    second = _merge(recipe, cache)   # served from the cache: merged and copied keys alike come back on the CPU
+    _same(second, reference)
+    assert {str(t.device) for t in second.values()} == {"cpu"}
+
+
+class _StandInDevice:
+    """The device tier's copy, made on the CPU so the tier logic runs without a GPU; can run out of memory."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.copies = 0
+        self.fail_after = fail_after
+
+    def __call__(self, source):
+        if self.fail_after is not None and self.copies >= self.fail_after:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB (GPU 0; 8 GiB total)")
+        self.copies += 1
+        return source.clone()
+
+
+def test_device_tier_holds_only_float_keys_the_kernels_read(mini, monkeypatch):
+    cache = InputCache("cuda:0", device_budget_mb=64, ram_budget_mb=64)
+    monkeypatch.setattr(cache, "_to_device", _StandInDevice())
+    recipe = _recipe(mini)
+    reference = _merge(recipe)
     _same(_merge(recipe, cache), reference)
+    assert cache.tier_of(mini["base"], UNET_KEY) == DEVICE_TIER
+    assert cache.tier_of(mini["base"], POSITION_IDS) == RAM_TIER    # int64: copied to the result, so RAM
+    assert cache.tier_of(mini["base"], VAE_KEY) == RAM_TIER         # the base's VAE: copied, not merged
+    assert cache.stats().device_bytes > 0 and cache.stats().device_bytes <= 64 * MB
+
+
+def test_out_of_memory_while_filling_drops_the_device_tier(mini, monkeypatch):
+    emptied = []
+    monkeypatch.setattr("lib_merge.input_cache.empty_cache", lambda device: emptied.append(str(device)))
+    cache = InputCache("cuda:1", device_budget_mb=64, ram_budget_mb=64)
+    stand_in = _StandInDevice(fail_after=5)
+    monkeypatch.setattr(cache, "_to_device", stand_in)
+    recipe = _recipe(mini)
+    reference = _merge(recipe)
+    _same(_merge(recipe, cache), reference)
+    stats = cache.stats()
+    assert stand_in.copies == 5                         # the sixth copy ran out of memory; no copy tried after
+    assert stats.device_bytes == 0 and cache.tier_of(mini["base"], UNET_KEY) == RAM_TIER
+    assert emptied == ["cuda:1"]                        # the cache's own device, its index kept
+    assert "out of memory on cuda:1" in stats.notice and "\n" not in stats.notice
+    assert "budget" in stats.notice                     # with advice
+    assert stats.as_dict()["notice"] == stats.notice
+    _same(_merge(recipe, cache), reference)             # and it goes on serving, from RAM
+    assert stand_in.copies == 5
+
+
+def test_out_of_ram_while_filling_streams_the_rest(mini, monkeypatch):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    real_copy, made = cache._to_ram, []
+
+    def to_ram(source):
+        if len(made) >= 3:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:83] DefaultCPUAllocator: can't allocate memory")
+        made.append(source.shape)
+        return real_copy(source)
+
+    monkeypatch.setattr(cache, "_to_ram", to_ram)
+    recipe = _recipe(mini)
+    _same(_merge(recipe, cache), _merge(recipe))
+    stats = cache.stats()
+    assert len(made) == 3 and 0 < stats.ram_bytes and stats.streamed_bytes > 0
+    assert "out of RAM" in stats.notice and "\n" not in stats.notice
+    _same(_merge(recipe, cache), _merge(recipe))
+    assert len(made) == 3   # no copy tried after the failure
+
+
+def test_other_ram_errors_are_not_swallowed(mini, monkeypatch):
+    cache = InputCache("cpu", ram_budget_mb=256)
+    monkeypatch.setattr(cache, "_to_ram", lambda source: (_ for _ in ()).throw(RuntimeError("bad dtype")))
+    with pytest.raises(RuntimeError, match="bad dtype"):
+        _merge(_recipe(mini), cache)
+
+
+def test_release_gives_everything_back(mini, monkeypatch):
+    emptied = []
+    monkeypatch.setattr("lib_merge.input_cache.empty_cache", lambda device: emptied.append(str(device)))
+    cache = InputCache("cuda:0", device_budget_mb=64, ram_budget_mb=64)
+    monkeypatch.setattr(cache, "_to_device", _StandInDevice())
+    recipe = _recipe(mini)
+    _merge(recipe, cache)
+    before = cache.stats()
+    assert before.device_bytes > 0 and before.ram_bytes > 0
+    freed = cache.release_device_tier()      # the end of a grid: VRAM back, RAM keeps serving
+    assert freed == before.device_bytes and emptied == ["cuda:0"]
+    assert cache.stats().device_bytes == 0 and cache.stats().ram_bytes == before.ram_bytes
+    line = cache.release()
+    assert line.startswith("input cache: released") and f"{before.ram_bytes / MB:.0f} MB" in line
+    assert cache.cached_files() == [] and cache.stats().ram_bytes == 0 and emptied == ["cuda:0", "cuda:0"]
+    assert cache.release() == "input cache: empty"
 
 
 def test_changing_models_drops_the_others(mini):
