@@ -8,6 +8,7 @@ order ``before_process`` receives their values in.
 from __future__ import annotations
 
 from ..methods import METHODS
+from ..ui.form import SLIDER_RANGES, clamp_knob
 from ..xyz_axes import INFOTEXT_BASE, INFOTEXT_KEYS, INFOTEXT_MODELS, has_recipe
 from . import host
 from .xyz import DEFAULTS, PASTED_BASE, PASTED_MODELS, checkpoint_titles
@@ -39,15 +40,15 @@ def build_section(script, is_img2img: bool) -> list:
                                  elem_id=eid("weights"))
             seed = gr.Number(value=d["seed"], precision=0, label="Merge seed", elem_id=eid("seed"))
         with gr.Row():
-            p = gr.Slider(0.0, 0.99, value=d["p"], step=0.01, label="p (DARE drop rate)", elem_id=eid("p"))
-            k = gr.Slider(0.01, 1.0, value=d["k"], step=0.01, label="k (TIES keep fraction)", elem_id=eid("k"))
-            alpha = gr.Slider(-1.0, 2.0, value=d["alpha"], step=0.01, label="alpha", elem_id=eid("alpha"))
-            lam = gr.Slider(0.0, 2.0, value=d["lam"], step=0.01, label="λ (DARE rescale)", elem_id=eid("lambda"))
+            p = gr.Slider(*SLIDER_RANGES["p"], value=d["p"], step=0.01, label="p (DARE drop rate)", elem_id=eid("p"))
+            k = gr.Slider(*SLIDER_RANGES["k"], value=d["k"], step=0.01, label="k (TIES keep fraction)", elem_id=eid("k"))
+            alpha = gr.Slider(*SLIDER_RANGES["alpha"], value=d["alpha"], step=0.01, label="alpha", elem_id=eid("alpha"))
+            lam = gr.Slider(*SLIDER_RANGES["lam"], value=d["lam"], step=0.01, label="λ (DARE rescale)", elem_id=eid("lambda"))
         with gr.Row():
             vote_sgn = gr.Checkbox(value=d["vote_sgn"], label="vote_sgn (count signs)", elem_id=eid("vote_sgn"))
             split_alpha = gr.Checkbox(value=False, label="Per-component alpha", elem_id=eid("split_alpha"))
-            alpha_unet = gr.Slider(-1.0, 2.0, value=1.0, step=0.01, label="alpha UNet", elem_id=eid("alpha_unet"))
-            alpha_te = gr.Slider(-1.0, 2.0, value=1.0, step=0.01, label="alpha TE", elem_id=eid("alpha_te"))
+            alpha_unet = gr.Slider(*SLIDER_RANGES["alpha_unet"], value=1.0, step=0.01, label="alpha UNet", elem_id=eid("alpha_unet"))
+            alpha_te = gr.Slider(*SLIDER_RANGES["alpha_te"], value=1.0, step=0.01, label="alpha TE", elem_id=eid("alpha_te"))
         with gr.Row():
             drop = gr.Button("Drop the merge input cache", elem_id=eid("drop_cache"))
             cache_status = gr.Textbox(value="", label="Input cache", interactive=False, lines=1,
@@ -61,6 +62,18 @@ def build_section(script, is_img2img: bool) -> list:
 
     refresh.click(refresh_lists, inputs=[base, models], outputs=[base, models])
     drop.click(lambda: drop_cache(), inputs=None, outputs=[cache_status])
+
+    # a value typed past a slider's end is answered with the end value at once, so the box shows what
+    # the merge uses (the page clamps it too, but only when the box loses focus): the same rule as the tab
+    def clamp_to(knob):
+        def clamp(value):
+            clamped = clamp_knob(knob, value)
+            return gr.update() if clamped is None else gr.update(value=clamped)
+        return clamp
+
+    for knob, control in (("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
+                          ("alpha_te", alpha_te)):
+        control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
 
     def pasted(key, convert=lambda v: v):
         return lambda params: convert(params[key]) if key in params else None
