@@ -134,6 +134,14 @@ class Checkpoint:
         """1-D view of a tensor's elements in its stored dtype (zero-copy where possible)."""
         raise NotImplementedError
 
+    #: True when :meth:`read_range` reads just that range from the file (cheap per chunk); False when
+    #: it slices :meth:`flat`, which a caller should then call once per key instead.
+    ranged_reads = False
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of a tensor's flat view, in its stored dtype."""
+        return self.flat(key)[start:stop]
+
     def prefetch(self, key: str) -> None:
         """Hint that ``key`` is read next (no-op unless the data lives in a file)."""
 
@@ -283,6 +291,10 @@ class SafetensorsCheckpoint(Checkpoint):
             raise CheckpointError("the file changed while it was being read (it was written to since it was "
                                   "opened); nothing was saved", self.path, key)
 
+    @property
+    def ranged_reads(self) -> bool:  # type: ignore[override]
+        return self._mmap is None
+
     def flat(self, key: str) -> torch.Tensor:
         info = self._infos[key]
         if info.numel == 0:
@@ -290,12 +302,26 @@ class SafetensorsCheckpoint(Checkpoint):
         if self._mmap is not None:
             return torch.frombuffer(self._mmap, dtype=info.dtype, count=info.numel,
                                     offset=self._offsets[key])
+        return self._read(key, 0, info.numel)
+
+    def read_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Read just elements ``[start, stop)``: a merge holds one chunk of each input, not whole tensors."""
+        if self._mmap is not None:
+            return self.flat(key)[start:stop]
+        info = self._infos[key]
+        start, stop = max(0, start), min(stop, info.numel)
+        return self._read(key, start, max(start, stop))
+
+    def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        dtype = self._infos[key].dtype
+        out = torch.empty(stop - start, dtype=dtype)
+        if stop == start:
+            return out
         if self._file is None:
             raise CheckpointError("read after the file was closed", self.path, key)
         self._check_unchanged(key)
-        out = torch.empty(info.numel, dtype=info.dtype)
         view = memoryview(out.view(torch.uint8).numpy())
-        fd, offset, done = self._file.fileno(), self._offsets[key], 0
+        fd, offset, done = self._file.fileno(), self._offsets[key] + start * dtype.itemsize, 0
         while done < len(view):
             try:
                 got = _pread_into(fd, view[done:], offset + done)

@@ -310,6 +310,36 @@ def check_weights_float32(recipe: MergeRecipe) -> None:
                              "only their ratios matter in a mean, so scale them down")
 
 
+class RangeSource:
+    """A key's flat elements, read from the file one chunk at a time when sliced.
+
+    The merge walks every key in chunks; reading each input's chunk only when
+    it is needed keeps memory at one chunk per model whatever N, as the memory
+    maps did, while the reads stay checked (see checkpoint.py: no SIGBUS).
+    """
+
+    __slots__ = ("_ckpt", "_key", "_n")
+
+    def __init__(self, ckpt: Checkpoint, key: str) -> None:
+        self._ckpt, self._key, self._n = ckpt, key, ckpt.info(key).numel
+
+    def numel(self) -> int:
+        return self._n
+
+    def __getitem__(self, span: slice) -> torch.Tensor:
+        start, stop, step = span.indices(self._n)
+        if step != 1:
+            raise ValueError("RangeSource: only contiguous slices")
+        return self._ckpt.read_range(self._key, start, stop)
+
+
+def flat_source(ckpt: Checkpoint, key: str) -> "torch.Tensor | RangeSource":
+    """What the merge slices chunk by chunk: ranged reads from a file, or the whole flat tensor once."""
+    if getattr(ckpt, "ranged_reads", False):
+        return RangeSource(ckpt, key)
+    return ckpt.flat(key)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -328,15 +358,15 @@ class KeyMerger:
 
     def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
         plan = self.plan
-        base_full = plan.base.tensor(task.key)
-        models_full = [plan.models[i].tensor(task.key) for i in task.models]
-        if task.channel_slice is not None:
+        if task.channel_slice is not None:   # the inpainting input conv: small, read whole
+            base_full = plan.base.tensor(task.key)
+            models_full = [plan.models[i].tensor(task.key) for i in task.models]
             c = task.channel_slice
             base_src = base_full[:, :c].contiguous().reshape(-1)
             model_srcs = [m[:, :c].contiguous().reshape(-1) for m in models_full]
         else:
-            base_src = base_full.reshape(-1)
-            model_srcs = [m.reshape(-1) for m in models_full]
+            base_src = flat_source(plan.base, task.key)
+            model_srcs = [flat_source(plan.models[i], task.key) for i in task.models]
         merged = self._merge_flat(task, base_src, model_srcs, cancel)
         if task.channel_slice is None:
             return merged.view(task.shape)
@@ -367,7 +397,7 @@ class KeyMerger:
                               for j, m in enumerate(models)]
         elif spec.kind == "slerp":
             alpha = params.alpha
-            coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base, models[0]), alpha)
+            coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base[0:n], models[0][0:n]), alpha)
         constants = kernels.key_constants(masks, thresholds, weights, self.device)
         for start in range(0, n, self.chunk):
             if cancel is not None:
