@@ -6,8 +6,8 @@ releases and retakes the GIL.  Two threads doing that on two cores spend
 their time handing the GIL to each other: measured on SD1 keys, two threads
 merged 1.08x as fast as one, two processes 1.95x.
 
-Each worker process opens the inputs itself (memory maps: the page cache is
-shared, nothing is copied) and writes the keys it merged straight into the
+Each worker process opens the inputs itself (reading through the shared page
+cache, one chunk at a time) and writes the keys it merged straight into the
 temporary output file at their offsets, so no tensor crosses a process
 boundary; the parent merges keys too, hands out groups of keys, reports
 progress, and is the only one that names, commits or deletes the file.
