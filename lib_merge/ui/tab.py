@@ -18,6 +18,7 @@ from .compat import gr
 from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESET_TITLES, SLIDER_RANGES, FormValues,
                    clamp_knob, knob_is_live, method_name, preset_values)
 from .host import TabHost
+from .selftest_panel import build_selftest
 from .texts import error_text, inspect_text, merged_text, progress_text
 from ..arch import BLOCK_PRESETS, block_preset
 from ..checkpoint import open_checkpoint
@@ -169,6 +170,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                                              label="Device", elem_id="dare_merge_device")
                         precision = gr.Radio(list(OUTPUT_DTYPES), value=host.default_precision(),
                                              label="Working precision", elem_id="dare_merge_precision")
+                    build_selftest(host, device)
 
             with gr.Column(scale=2, elem_id="dare_merge_right"):
                 with gr.Row():

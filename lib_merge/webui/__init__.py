@@ -26,6 +26,15 @@ _session: MergeSession | None = None
 _host: host.WebUIHost | None = None
 
 
+class WebUISession(MergeSession):
+    """The WebUI's session: a merge on the GPU first asks the host for room (Forge's memory manager
+    unloads models until the merge fits; :func:`host.gpu_room`), whoever starts it (tab, HTTP, X/Y/Z)."""
+
+    def merge(self, recipe: MergeRecipe, dtype: str = "fp16", device: str | None = None, **kwargs) -> MergeResult:
+        with host.gpu_room(device or self.device, len(recipe.models)):
+            return super().merge(recipe, dtype=dtype, device=device, **kwargs)
+
+
 def make_hot_loader():
     """The hot-loader for the host this process runs in (:func:`host.detect`).
 
@@ -47,7 +56,7 @@ def get_session() -> MergeSession:
         if _session is None:
             loader = make_hot_loader()
             loader.registry.install()
-            _session = MergeSession(host.models_dir(), hot_loader=loader, device=host.merge_device(),
+            _session = WebUISession(host.models_dir(), hot_loader=loader, device=host.merge_device(),
                                     refresh_models=host.refresh_checkpoints)
         return _session
 
@@ -88,8 +97,31 @@ def merge_or_reuse(recipe: MergeRecipe, dtype: str, device: str, hot_load: bool,
         if progress is not None:
             progress(event)
 
-    return session.merge(recipe, dtype=dtype, device=device, hot_load=hot_load, progress=report,
-                         inputs=inputs), False
+    def merge_on(where: str) -> MergeResult:
+        return session.merge(recipe, dtype=dtype, device=where, hot_load=hot_load, progress=report, inputs=inputs)
+
+    try:
+        result = merge_on(device)
+    except Exception as exc:
+        from ..compat import is_out_of_memory
+        if not is_out_of_memory(exc):
+            raise
+        host.free_vram(device)          # the X/Y/Z input cache, torch's cached blocks of that device
+        if not str(device).startswith("cuda"):
+            raise host.out_of_memory_error(exc, device) from None
+        print(f"[DARE Merge] out of memory merging on {device}; the merge input cache was dropped and the "
+              "merge runs on the CPU instead", flush=True)
+        try:
+            result = merge_on("cpu")
+        except Exception as again:
+            if not is_out_of_memory(again):
+                raise
+            raise host.out_of_memory_error(again, "cpu") from None
+        session.last_message = f"out of memory on {device}: merged on the CPU instead. {session.last_message}"
+    note = host.merge_device_info().note if str(device) == host.merge_device() else ""
+    if note:
+        session.last_message = f"{note}. {session.last_message}"
+    return result, False
 
 
 def hot_load_recipe(recipe: MergeRecipe, dtype: str | None = None, device: str | None = None,
@@ -119,8 +151,8 @@ def status(with_fingerprint: bool = False) -> dict:
         # what is in the model now, not what the last merge did (the user may have switched since)
         "hot_loaded": loaded_hash is not None, "selected_model": host.setting("sd_model_checkpoint", None),
         "original": getattr(loader._current(loader.original), "title", None),
-        "settings": {"device": host.merge_device(), "precision": host.merge_precision(),
-                     "cache_mb": host.cache_budget_mb()},
+        "settings": {"device": host.merge_device(), "device_note": host.merge_device_info().note,
+                     "precision": host.merge_precision(), "cache_mb": host.cache_budget_mb()},
     })
     if with_fingerprint:
         with host.exclusive("DARE merge: fingerprint"):

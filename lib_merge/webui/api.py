@@ -124,6 +124,7 @@ def merge(payload: dict) -> dict:
         import torch
         if not torch.cuda.is_available():
             raise ParameterError("CUDA is not available in this WebUI; use device cpu or auto")
+        device = host.resolve_device("cuda", host.webui_device()).device   # the WebUI's own card: cuda:1 stays
     save_name = save_dtype = None
     overwrite = bool(payload.get("overwrite", False))
     if save:

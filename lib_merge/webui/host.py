@@ -20,7 +20,7 @@ import time
 from typing import Callable, Iterator, TypeVar
 
 from ..engine import Progress
-from ..errors import CheckpointError
+from ..errors import CheckpointError, MergeError
 from ..ui.host import TabHost
 
 T = TypeVar("T")
@@ -139,15 +139,113 @@ def setting(key: str, default):
     return default if value is None else value
 
 
-def merge_device() -> str:
-    """The device merges run on: the setting, where "auto" is the WebUI's own device."""
-    choice = str(setting(OPT_DEVICE, "auto"))
-    if choice == "cuda":
-        import torch
-        return "cuda" if torch.cuda.is_available() else webui_device()
+def resolve_device(choice: str, webui: str):
+    """The :class:`lib_merge.devices.MergeDevice` for the "Merge device" setting ``choice``.
+
+    "auto" is the WebUI's own device, index kept (``cuda:1`` stays ``cuda:1``);
+    "cuda" is the WebUI's card when it runs on CUDA, else the current CUDA
+    device.  A WebUI on mps/xpu (or anything not CUDA) merges on the CPU with
+    a note saying so (see ``lib_merge.devices``): the hot-load then copies the
+    CPU result into the model wherever it is.
+    """
+    from ..devices import resolve_merge_device
     if choice == "cpu":
-        return "cpu"
-    return webui_device()
+        return resolve_merge_device("cpu", webui)
+    if choice == "cuda":
+        return resolve_merge_device(webui if webui.startswith("cuda") else "cuda", webui)
+    return resolve_merge_device("auto", webui)
+
+
+def merge_device_info():
+    """The merge device for the current settings, and why it is not the WebUI's (``.note``)."""
+    return resolve_device(str(setting(OPT_DEVICE, "auto")), webui_device())
+
+
+def merge_device() -> str:
+    """The device merges run on (see :func:`resolve_device`)."""
+    return merge_device_info().device
+
+
+def low_vram_mode() -> bool:
+    """True when the WebUI keeps model parts off the GPU to save VRAM (``--lowvram``/``--medvram``,
+    ``--medvram-sdxl`` with an SDXL model loaded): there is no VRAM to spare for a merge cache."""
+    try:
+        from modules import shared
+        opts = shared.cmd_opts
+        if getattr(opts, "lowvram", False) or getattr(opts, "medvram", False):
+            return True
+        from modules import sd_models
+        model = getattr(sd_models.model_data, "sd_model", None)
+        if getattr(model, "lowvram", False):
+            return True
+        return bool(getattr(opts, "medvram_sdxl", False) and getattr(model, "is_sdxl", False))
+    except Exception:
+        return True   # unknown: spare nothing
+
+
+# -- VRAM that belongs to the WebUI ---------------------------------------------------------
+
+_vram_holders: list[Callable[[], object]] = []
+
+
+def on_free_vram(release: Callable[[], object]) -> None:
+    """Register a function that gives back VRAM the extension holds (the X/Y/Z input cache)."""
+    if release not in _vram_holders:
+        _vram_holders.append(release)
+
+
+def free_vram(device: str) -> None:
+    """After an out-of-memory error on ``device``: every registered holder lets go, then torch's
+    cached blocks of that device go back to the driver (``compat.empty_cache``: the merge device's
+    own index, not the current device)."""
+    from ..compat import empty_cache
+    for release in list(_vram_holders):
+        try:
+            release()
+        except Exception as exc:  # freeing must never raise over the error that caused it
+            print(f"[DARE Merge] could not free VRAM: {exc}", flush=True)
+    empty_cache(device)
+
+
+def out_of_memory_error(exc: BaseException, device: str) -> MergeError:
+    """The one line a user sees for an out-of-memory merge, with what was done and what to try."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    return MergeError(f"out of memory while merging on {device} ({first}); the merge input cache was dropped and "
+                      "torch's cached VRAM given back. Merge on the cpu device (Settings > DARE Merge > Merge "
+                      "device), set 'X/Y/Z merge input cache on the GPU' to 0, or start the WebUI with --medvram")
+
+
+# A merge's working set on the GPU besides the input cache (chunk workspaces, the trim's per-key
+# magnitudes for every model, the merged key before it goes to the CPU): generous for SDXL.
+MERGE_ROOM_MB = 1024
+MERGE_ROOM_PER_MODEL_MB = 384
+
+
+@contextlib.contextmanager
+def gpu_room(device: str, n_models: int) -> Iterator[None]:
+    """On Forge, ask its memory manager for room before a GPU merge, and give it back after.
+
+    Forge keeps models on the GPU as long as they fit and moves them off only
+    when its own loader asks (``backend.memory_management.free_memory``); a
+    merge allocating beside them could make the next sampling run out of
+    memory.  So before a merge on a CUDA device, Forge unloads models until
+    the merge's working set fits; after it, torch's cached blocks of that
+    device are released so Forge sees the memory free again (it loads the
+    model back itself at the next generation).  A1111 and CPU merges: nothing.
+    """
+    from ..compat import with_index
+    dev = with_index(device)      # Forge compares devices with ==: cuda must carry its index
+    if dev.type != "cuda" or detect() != FORGE:
+        yield
+        return
+    from backend import memory_management
+    needed = (MERGE_ROOM_MB + MERGE_ROOM_PER_MODEL_MB * max(1, n_models)) * (1 << 20)
+    memory_management.free_memory(needed, dev)
+    try:
+        yield
+    finally:
+        from ..compat import empty_cache
+        empty_cache(dev)
 
 
 def merge_precision() -> str:
@@ -270,15 +368,17 @@ def add_settings() -> None:
     opts = shared.opts
     opts.add_option(OPT_DEVICE, shared.OptionInfo(
         "auto", "Merge device", gr.Radio, {"choices": list(DEVICE_CHOICES)}, section=SECTION,
-    ).info("where merges run; auto = the WebUI's own device"))
+    ).info("where merges run; auto = the WebUI's own device (cuda:1 stays cuda:1); a WebUI on mps/xpu merges "
+           "on the CPU until those are tested (same result; hot-load unchanged)"))
     opts.add_option(OPT_PRECISION, shared.OptionInfo(
         "auto", "Working precision of hot-loaded merges", gr.Radio, {"choices": list(PRECISION_CHOICES)},
         section=SECTION,
     ).info("dtype the merged weights are held in; auto = fp32 with --no-half / --all-in-fp32, else fp16"))
     opts.add_option(OPT_CACHE_MB, shared.OptionInfo(
-        DEFAULT_CACHE_MB, "XYZ merge cache budget (MB of RAM)", gr.Number, {"precision": 0, "minimum": 0},
+        DEFAULT_CACHE_MB, "X/Y/Z merge input cache in RAM (MB)", gr.Number, {"precision": 0, "minimum": 0},
         section=SECTION,
-    ).info("merged models kept in RAM so XYZ cells with the same merge do not merge again; 0 = no cache"))
+    ).info("the base and models of X/Y/Z merges kept in RAM between cells, so a cell merges without reading "
+           "the files again; 0 = no cache"))
 
 
 # -- the tab's host --------------------------------------------------------------------
@@ -303,16 +403,27 @@ class WebUIHost(TabHost):
         refresh_checkpoints()
 
     def default_device(self) -> str:
-        device = merge_device()
-        return "cuda" if device.startswith("cuda") else device
+        return merge_device()     # "cuda:1" stays "cuda:1" (the tab lists it beside cpu and cuda)
 
     def default_precision(self) -> str:
         return merge_precision()
 
     def run_exclusive(self, fn: Callable[[], T], task_id: str | None = None) -> T:
-        """Run ``fn`` under the queue lock; ``task_id``: a page-made "task(...)" id for the progress bar."""
+        """Run ``fn`` under the queue lock; ``task_id``: a page-made "task(...)" id for the progress bar.
+
+        Out of memory in ``fn`` (a merge from the tab): the VRAM the extension
+        holds is given back (:func:`free_vram`) and one line with advice replaces
+        the traceback."""
+        from ..compat import is_out_of_memory
         with exclusive(task_id=task_id):
-            return fn()
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                device = merge_device()
+                free_vram(device)
+                raise out_of_memory_error(exc, device) from None
 
     def on_progress(self, event: Progress) -> None:
         mirror_progress(event, self.session.cancel)
@@ -320,5 +431,6 @@ class WebUIHost(TabHost):
 
 __all__ = ["A1111", "FORGE", "detect", "version", "in_webui", "models_dir", "checkpoint_titles",
            "checkpoint_infos", "find_checkpoint", "refresh_checkpoints", "is_merged_info", "webui_device",
-           "merge_device", "merge_precision", "cache_budget_mb", "exclusive", "holds_queue_lock",
+           "merge_device", "merge_device_info", "resolve_device", "low_vram_mode", "on_free_vram", "free_vram",
+           "gpu_room", "out_of_memory_error", "merge_precision", "cache_budget_mb", "exclusive", "holds_queue_lock",
            "mirror_progress", "interrupted", "add_settings", "WebUIHost", "SECTION"]

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Callable
 
 import torch
 
@@ -111,10 +112,12 @@ class A1111HotLoader(CheckpointTracking):
             prev_info = model.sd_checkpoint_info
             prev_state = self.loaded_state if host.is_merged_info(prev_info) else None
             info = merged_info(base_info, name, recipe_hash, recipe_doc(recipe), host.models_dir())
-            self._swap(model, info, state, prev_info, prev_state)
+            misplaced = self._swap(model, info, state, prev_info, prev_state)
             self._remember_original(before, base_info)
             self.loaded_state = state
             self.registry.register(info)
+            if misplaced is not None:
+                raise HotLoadError(misplaced)
 
     def restore(self) -> str:
         from modules import sd_models, shared
@@ -143,10 +146,13 @@ class A1111HotLoader(CheckpointTracking):
         sd_models.reload_model_weights(info=info)
         self.loaded_state = None
 
-    def _swap(self, model, info, state, prev_info, prev_state) -> None:
+    def _swap(self, model, info, state, prev_info, prev_state) -> str | None:
+        """Write ``state`` in place; returns None, or the line saying the model could not go back
+        to the WebUI's device (it is then wholly on the CPU, see :func:`_to_device`)."""
         from modules import devices, script_callbacks, sd_hijack, sd_models, sd_unet
         from modules.timer import Timer
         timer = Timer()
+        misplaced = None
         sd_unet.apply_unet("None")
         sd_models.send_model_to_cpu(model)
         sd_hijack.model_hijack.undo_hijack(model)
@@ -159,11 +165,15 @@ class A1111HotLoader(CheckpointTracking):
             sd_models.checkpoints_loaded.pop(info, None)  # never cache a merge as if it were a file
             sd_hijack.model_hijack.hijack(model)
             if not getattr(model, "lowvram", False):
-                model.to(devices.device)
+                misplaced = _to_device(model, devices.device, devices.cpu,
+                                       lambda: host.free_vram(str(devices.device)))
+                if misplaced is not None:
+                    print(f"[dare-merge] {misplaced}", flush=True)
             script_callbacks.model_loaded_callback(model)
             sd_models.model_data.set_sd_model(model)
             sd_unet.apply_unet()
             self._after_weights_changed(model)
+        return misplaced
 
     @staticmethod
     def _preflight(model, state) -> None:
@@ -201,6 +211,45 @@ class A1111HotLoader(CheckpointTracking):
             if m is not keep and host.is_merged_info(getattr(m, "sd_checkpoint_info", None)):
                 data.loaded_sd_models.remove(m)
                 sd_models.send_model_to_trash(m)
+
+
+def _to_device(model: torch.nn.Module, device, fallback, free: Callable[[], object]) -> str | None:
+    """``model.to(device)`` as one step that never leaves the model split across devices.
+
+    ``Module.to`` moves parameter after parameter; running out of memory
+    part-way leaves some on the GPU and the rest on the CPU, and no generation
+    can run like that.  So on failure everything goes back to ``fallback``
+    (the CPU, where the swap put it), ``free`` gives back the VRAM the
+    extension holds (the X/Y/Z input cache, torch's cached blocks) and the
+    move is tried once more.  Returns None when the model is on ``device``,
+    else one line saying that all of it is on ``fallback`` and what to do.
+    """
+    try:
+        model.to(device)
+        return None
+    except Exception as exc:
+        first = exc
+    for attempt in (1, 2):
+        try:
+            model.to(fallback)
+        except Exception as exc:
+            return (f"the model could not be moved to {device} ({_first_line(first)}) nor back to {fallback} "
+                    f"({_first_line(exc)}); load a checkpoint from the list")
+        if attempt == 2:
+            break
+        try:
+            free()
+            model.to(device)
+            return None
+        except Exception as exc:
+            first = exc
+    return (f"the merged weights are loaded, but moving the model to {device} failed ({_first_line(first)}); "
+            f"all of it is on {fallback} now, not split. Free VRAM (set 'X/Y/Z merge input cache on the GPU' "
+            "to 0, close other GPU programs) or start the WebUI with --medvram, then load a checkpoint")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _leaf_modules(model) -> list:

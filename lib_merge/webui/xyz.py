@@ -45,6 +45,7 @@ from ..recipe import MergeRecipe
 from ..xyz_axes import (AXES, AXES_BY_FIELD, INFOTEXT_KEYS, LABEL_PREFIX, apply_overrides, has_recipe,
                         recipe_fields_from_infotext, recipe_infotext, resolve_names, split_csv, with_override)
 from . import host
+from . import xyz_cache
 from .xyz_cache import OPT_CACHE_GPU_MB, cache_stats, drop_cache, input_cache
 
 XYZ_ATTR = "dare_merge_xyz"
@@ -182,10 +183,15 @@ def wrap_draw(xyz) -> None:
         except Exception as exc:  # never keep the plot from running
             log(f"could not note the state before the grid: {exc}")
         _grid = run
+        xyz_cache.grid_started()          # the GPU input cache's budget is measured per grid
         try:
             return original(*args, **kwargs)
         finally:
             _grid = None
+            try:
+                xyz_cache.grid_finished()     # VRAM back to the WebUI before anything is loaded back
+            except Exception as exc:
+                log(f"could not free the merge input cache after the grid: {exc}")
             if run is not None:
                 after_grid(run)
 
@@ -436,9 +442,11 @@ def on_ui_settings() -> None:
         section=host.SECTION,
     ).info("what the loaded model is once the grid is done"))
     opts.add_option(OPT_CACHE_GPU_MB, shared.OptionInfo(
-        -1, "Merge input cache on the GPU (MB)", gr.Number, {"precision": 0, "minimum": -1}, section=host.SECTION,
-    ).info("X/Y/Z merge inputs kept in VRAM between cells; -1 = half the free VRAM, 0 = none "
-           "(the RAM budget is the cache budget above)"))
+        -1, "X/Y/Z merge input cache on the GPU (MB)", gr.Number, {"precision": 0, "minimum": -1},
+        section=host.SECTION,
+    ).info("merge inputs kept in VRAM between the cells of one grid, freed when it ends; -1 = auto: none with "
+           "--lowvram/--medvram or on Forge, else the VRAM free when the grid starts minus a reserve for "
+           "generation; 0 = none"))
 
 
 def status() -> dict:
