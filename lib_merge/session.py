@@ -23,7 +23,7 @@ from .devices import resolve_merge_device
 from .engine import CancelToken, MergePlan, MergeReport, Progress, default_device, iter_merge
 from .errors import MergeError, OutputError
 from .recipe import MergeRecipe
-from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter, check_output_name
+from .writer import OUTPUT_TORCH_DTYPES, SafetensorsWriter, check_output_name, check_output_target
 
 
 class HotLoader(Protocol):
@@ -72,6 +72,9 @@ class MergeSession:
         # called when a device merge runs out of memory, before the CPU retry (the XYZ input cache's
         # out_of_memory: its GPU tier is given back); see session_reads_from
         self.out_of_memory_hooks: list[Callable[[], object]] = []
+        # files a save must never replace besides the merge's own inputs: a WebUI names the checkpoint
+        # it has loaded now (and the one "Restore original" goes back to)
+        self.protected_files: Callable[[], list[str]] = lambda: []
 
     # -- merge
     def merge(self, recipe: MergeRecipe, dtype: str = "fp16", device: str | None = None,
@@ -153,12 +156,19 @@ class MergeSession:
             raise OutputError("exists already; tick 'overwrite' or choose another name", path)
         with self.lock:
             result = self.result
-        if result is None or (recipe is not None and recipe.resolved() != result.recipe):
-            if recipe is None:
-                raise MergeError("nothing merged yet: merge first, then save")
+        stale = result is None or (recipe is not None and recipe.resolved() != result.recipe)
+        source = recipe if stale else result.recipe
+        if source is None:
+            raise MergeError("nothing merged yet: merge first, then save")
+        loaded = self.protected_files()
+        protected = [source.base, *source.models, *loaded]
+        # before a merge is spent on a name that cannot be used
+        check_output_target(path, [source.base, *source.models], "an input of this merge")
+        check_output_target(path, loaded, "the checkpoint loaded now (or the one 'Restore original' loads)")
+        if stale:
             result = self.merge(recipe, dtype=dtype, hot_load=False)
         with self.lock:
-            _write_state(path, result, dtype, overwrite)
+            _write_state(path, result, dtype, overwrite, protected)
         if self.refresh_models is not None:
             self.refresh_models()
         self.last_message = f"saved {path}"
@@ -183,7 +193,7 @@ class MergeSession:
                                                     "models": [os.path.basename(m) for m in r.recipe.models]}}
 
 
-def _write_state(path: str, result: MergeResult, dtype: str, overwrite: bool) -> None:
+def _write_state(path: str, result: MergeResult, dtype: str, overwrite: bool, protected: list[str]) -> None:
     torch_dtype = OUTPUT_TORCH_DTYPES[dtype]
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +201,7 @@ def _write_state(path: str, result: MergeResult, dtype: str, overwrite: bool) ->
             torch.float16, torch.bfloat16, torch.float32) and _merged_dtype(result, t) else t
 
     entries = [(k, tuple(t.shape), cast(t).dtype) for k, t in result.state.items()]
-    with SafetensorsWriter(path, entries, overwrite=overwrite) as writer:
+    with SafetensorsWriter(path, entries, overwrite=overwrite, protected_paths=protected) as writer:
         for key, tensor in result.state.items():
             writer.write(key, cast(tensor))
         writer.commit(build_metadata(result.recipe, result.inputs, dtype))

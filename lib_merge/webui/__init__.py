@@ -58,6 +58,7 @@ def get_session() -> MergeSession:
             loader.registry.install()
             _session = WebUISession(host.models_dir(), hot_loader=loader, device=host.merge_device(),
                                     refresh_models=host.refresh_checkpoints)
+            _session.protected_files = lambda: host.loaded_checkpoint_files(loader)
         return _session
 
 

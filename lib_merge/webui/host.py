@@ -166,6 +166,23 @@ def merge_device() -> str:
     return merge_device_info().device
 
 
+def loaded_checkpoint_files(loader=None) -> list[str]:
+    """Files a save must never replace: the checkpoint in the model now and the one "Restore original"
+    goes back to (a merge's own entry names no real file and is skipped)."""
+    infos = [getattr(loader, "original", None)]
+    try:
+        from modules import sd_models
+        infos.append(getattr(getattr(sd_models.model_data, "sd_model", None), "sd_checkpoint_info", None))
+    except Exception:
+        pass
+    files = []
+    for info in infos:
+        filename = getattr(info, "filename", None)
+        if filename and not is_merged_info(info) and os.path.isfile(filename):
+            files.append(filename)
+    return files
+
+
 def low_vram_mode() -> bool:
     """True when the WebUI keeps model parts off the GPU to save VRAM (``--lowvram``/``--medvram``,
     ``--medvram-sdxl`` with an SDXL model loaded): there is no VRAM to spare for a merge cache."""
