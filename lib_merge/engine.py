@@ -24,6 +24,7 @@ from . import kernels
 from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, component_of,
                    parse_block_values)
 from .checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from .lora.reader import bind_lora, refuse_lora_base
 from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
 from .masks import MaskHasher, mask_salt
 from .select import kth_smallest_pattern
@@ -146,6 +147,8 @@ class MergePlan:
         self.spec = self.recipe.spec
         self.base: Checkpoint = opener(self.recipe.base)
         self.models: list[Checkpoint] = [opener(m) for m in self.recipe.models]
+        refuse_lora_base(self.base)   # LoRA files among the models become theta0 + delta readers
+        self.models = [bind_lora(m, self.base, self.base.arch) for m in self.models]
         self.arch = self._check_arch()
         self.recipe.block_count_ok(self.arch)
         self.report = MergeReport(arch=self.arch, method=self.spec.name, notes=list(self.notes))
@@ -355,6 +358,9 @@ class KeyMerger:
         self.chunk = chunk or chunk_size(n_models, self.device)
         self.hasher = MaskHasher(self.device, max_chunk=self.chunk)
         self.workspace = kernels.Workspace(n_models, self.chunk, self.device)
+        for model in plan.models:   # LoRA inputs build their deltas on the merge device
+            if hasattr(model, "use_device"):
+                model.use_device(self.device)
         self._magnitudes = torch.empty(0, dtype=torch.int32, device=self.device)
 
     def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
