@@ -51,19 +51,34 @@ def check_block_values(name: str, text: str | None) -> None:
     what = BLOCK_LABELS[name]
     if not isinstance(text, str):
         raise ParameterError(f"{what} must be a text of comma-separated numbers, got {text!r}")
-    for i, token in enumerate(split_block_text(text)):
+    tokens = split_block_text(text)
+    labels = _block_labels_for(len(tokens))
+    for i, token in enumerate(tokens):
+        where = f"value {i + 1}" + (f" ({labels[i]})" if labels else "")
         try:
             value = float(token)
         except ValueError:
-            raise ParameterError(f"{what}: value {i + 1} ({token!r}) is not a number") from None
+            raise ParameterError(f"{what}: {where} is {token!r}, not a number") from None
         if not math.isfinite(value):
-            raise ParameterError(f"{what}: value {i + 1} ({token!r}) is not a finite number")
+            raise ParameterError(f"{what}: {where} is {token!r}, not a finite number")
         knob = {"block_p": "p", "block_k": "k"}.get(name)
         if knob:
             try:
                 check_range(knob, value)
             except ParameterError as exc:
-                raise ParameterError(f"{what}: value {i + 1}: {exc}") from None
+                raise ParameterError(f"{what}: {where}: {exc}") from None
+
+
+def _block_labels_for(count: int) -> list[str]:
+    """The block names (BASE, IN00, ..., OUT11) for a list of ``count`` values, so a refusal names the
+    block a user typed; empty when the count fits no architecture (that is refused later, naming both)."""
+    from .arch import BLOCK_COUNTS, block_labels
+    for arch, n in BLOCK_COUNTS.items():
+        if n == count:
+            return block_labels(arch)
+    return []
+
+
 
 
 def check_range(name: str, value: float) -> None:
