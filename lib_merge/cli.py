@@ -54,7 +54,11 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="CPU merges: processes to use (default: one per core; 1 = a single process; "
                         "at most the number of cores)")
     p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="output precision (default fp16, or the recipe's)")
-    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--out", help="output .safetensors path (may be left out with --out-lora)")
+    p.add_argument("--out-lora", metavar="FILE",
+                   help="also (or only) write the merged delta as a kohya LoRA/LoCon file, by truncated SVD")
+    p.add_argument("--lora-rank", type=int, default=32, metavar="R", help="rank of --out-lora's layers (default 32)")
+    p.add_argument("--lora-conv-rank", type=int, metavar="R", help="rank of its 3x3 convs (default: --lora-rank)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--recipe", metavar="FILE",
                    help="re-run the recipe stored in a merged checkpoint; flags given with it override it")
@@ -156,6 +160,8 @@ def check_processes(value: int | None) -> int | None:
 def cmd_merge(a: argparse.Namespace) -> int:
     device = check_device(a.device) if a.device else default_device()
     processes = check_processes(a.processes)
+    if not a.out and not a.out_lora:
+        raise ParameterError("give --out FILE, --out-lora FILE, or both")
     recipe, dtype = _recipe_from_args(a)
     cancel = CancelToken()
     bar = None
@@ -173,8 +179,14 @@ def cmd_merge(a: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        report = merge_to_file(recipe, a.out, out_dtype=dtype, overwrite=a.overwrite,
-                               device=device, progress=progress, cancel=cancel, processes=processes)
+        if a.out_lora:
+            from .lora.extract import merge_to_lora
+            report, _ = merge_to_lora(recipe, a.out_lora, a.lora_rank, a.lora_conv_rank, out_path=a.out,
+                                      out_dtype=dtype, overwrite=a.overwrite, device=device, progress=progress,
+                                      cancel=cancel)
+        else:
+            report = merge_to_file(recipe, a.out, out_dtype=dtype, overwrite=a.overwrite,
+                                   device=device, progress=progress, cancel=cancel, processes=processes)
     except KeyboardInterrupt:
         raise MergeCancelled("merge cancelled; nothing was written") from None
     finally:
