@@ -310,3 +310,48 @@ def test_lora_as_base_is_refused(sd1_set, tmp_path):
     write_lora(path, base, SD1_MODULES[:1])
     with pytest.raises(ArchitectureError, match="is a LoRA"):
         merge_to_memory(MergeRecipe("add_difference", path, [sd1_set["models"][0]]), device="cpu")
+
+
+def test_sd2_openclip_lora_te_lands_on_in_proj_slices(tmp_path):
+    from lib_merge.synth import write_synthetic
+    base_path = str(tmp_path / "sd2.safetensors")
+    write_synthetic(base_path, "sd2", "base", seed=0, scale_down=32)
+    base = load_file(base_path)
+    te = "cond_stage_model.model.transformer.resblocks."
+    h = base[te + "2.attn.in_proj_weight"].shape[0] // 3
+    mods = [{"name": "lora_te_text_model_encoder_layers_2_self_attn_v_proj", "key": te + "2.attn.in_proj_weight",
+             "rows": (2 * h, 3 * h)},
+            {"name": "lora_te_text_model_encoder_layers_2_mlp_fc1", "key": te + "2.mlp.c_fc.weight"},
+            {"name": "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+             "key": U + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"}]
+    path = str(tmp_path / "sd2_lora.safetensors")
+    expected = write_lora(path, base, mods, metadata={"ss_v2": "True", "ss_base_model_version": "sd_v2"})
+    _check(_merge_add(base_path, [path], [1.2]), base, expected, 1.2)
+
+
+def test_sd2_lora_by_its_metadata_onto_sd1_is_refused(sd1_set, tmp_path):
+    base = load_file(sd1_set["base"])
+    path = str(tmp_path / "v2meta.safetensors")
+    write_lora(path, base, SD1_MODULES[:1], metadata={"ss_v2": "True", "ss_base_model_version": "sd_v2"})
+    _refused(sd1_set["base"], path, ArchitectureError, "SD2", "SD1")
+
+
+def test_lora_through_the_xyz_input_cache(sd1_set, tmp_path):
+    """X/Y/Z cells open inputs through the input cache: a LoRA there merges as from disk."""
+    from lib_merge.engine import MergePlan, iter_merge
+    from lib_merge.input_cache import InputCache
+    base = load_file(sd1_set["base"])
+    path = str(tmp_path / "cached.safetensors")
+    write_lora(path, base, SD1_MODULES, seed=9)
+    r = MergeRecipe("ties_soup", sd1_set["base"], [sd1_set["models"][0], path])
+    direct, _ = merge_to_memory(r, out_dtype="fp32", device="cpu")
+    cache = InputCache("cpu", ram_budget_mb=256)
+    for _ in range(2):                                                  # second cell: served from memory
+        cache.prepare_recipe(r)
+        plan = MergePlan(r, "fp32", opener=cache.open)
+        try:
+            cached = dict(iter_merge(plan, "cpu", own_memory=True))
+        finally:
+            plan.close()
+        for key in direct:
+            assert torch.equal(direct[key], cached[key]), key

@@ -145,10 +145,19 @@ def _missing_parts(module: Module) -> str | None:
 
 
 def lora_arch_hint(modules: list[Module], metadata: dict[str, str]) -> str | None:
-    """'sdxl' or 'sd1/sd2' when the names or metadata say which family the LoRA was made for."""
+    """'sdxl', 'sd1', 'sd2' or 'sd1/sd2' when the names or metadata say what the LoRA was made for.
+
+    SD1 and SD2 LoRAs share their names; only kohya's metadata (``ss_v2``,
+    ``ss_base_model_version``, ``modelspec.architecture``) tells them apart,
+    and without it a wrong pairing still fails the shape check.
+    """
     version = metadata.get("ss_base_model_version", "") + " " + metadata.get("modelspec.architecture", "")
     if "sdxl" in version or "xl-v1" in version:
         return "sdxl"
+    if metadata.get("ss_v2") == "True" or re.search(r"sd_v2|stable-diffusion-v2", version):
+        return "sd2"
+    if re.search(r"sd_v1|stable-diffusion-v1", version):
+        return "sd1"
     if re.search(r"sd_v[12]|stable-diffusion-v[12]", version):
         return "sd1/sd2"
     families = {m.family for m in modules}

@@ -66,9 +66,8 @@ class LoraInput(Checkpoint):
     # -- binding checks
     def _check_family(self, modules: list[Module], keymap: KeyMap) -> None:
         hint = lora_arch_hint(modules, self.metadata)
-        base_family = "sdxl" if self._arch == "sdxl" else "sd1/sd2"
-        if hint is not None and hint != base_family:
-            made = "SDXL" if hint == "sdxl" else "SD1/SD2"
+        if hint is not None and self._arch not in hint.split("/"):
+            made = {"sdxl": "SDXL", "sd1": "SD1.x", "sd2": "SD2.x"}.get(hint, "SD1/SD2")
             raise ArchitectureError(f"is a LoRA for {made} but the base {self._base.name} is "
                                     f"{ARCH_NAMES[self._arch]}; a LoRA only applies to the architecture it was "
                                     "trained on", self.path, next(iter(modules[0].parts.values())) if modules else None)
