@@ -40,7 +40,7 @@ PREFIX = "/dare-merge/v1"
 RECIPE_FIELDS = ("method", "p", "k", "alpha", "lam", "vote_sgn", "seed", "weights", "merge", "alpha_unet",
                  "alpha_te", "block_alpha", "block_p", "block_k", "vae", "on_mismatch", "allow_nonfinite")
 OPTION_FIELDS = ("base", "models", "hot_load", "dtype", "device", "save", "save_name", "save_dtype", "overwrite",
-                 "task_id")
+                 "task_id", "save_lora", "lora_rank", "lora_conv_rank")
 
 
 def api_enabled() -> bool:
@@ -116,8 +116,9 @@ def merge(payload: dict) -> dict:
     recipe = recipe_from_payload(payload)
     hot_load = bool(payload.get("hot_load", True))
     save = bool(payload.get("save", False))
-    if not hot_load and not save:
-        raise ParameterError("nothing to do: set hot_load and/or save")
+    lora_target, lora_ranks = _lora_request(payload, bool(payload.get("overwrite", False)))
+    if not hot_load and not save and not lora_target:
+        raise ParameterError("nothing to do: set hot_load, save and/or save_lora")
     dtype = _choice(payload.get("dtype"), ("fp16", "bf16", "fp32"), host.merge_precision, "dtype")
     device = _choice(payload.get("device"), ("cpu", "cuda"), host.merge_device, "device")
     if device == "cuda":
@@ -146,15 +147,51 @@ def merge(payload: dict) -> dict:
         started = time.time()
         result, reused = merge_or_reuse(recipe, dtype, device, hot_load)
         saved = session.save(save_name, save_dtype, overwrite, recipe) if save else None
+        saved_lora = _save_lora(recipe, lora_target, lora_ranks, device, overwrite) if lora_target else None
         finished = time.time()
     loader = session.hot_loader
     return {"name": result.name, "recipe_hash": result.recipe_hash, "hot_loaded": hot_load, "reused": reused,
-            "saved": saved,
+            "saved": saved, "saved_lora": saved_lora,
             "saved_title": _title_of(saved), "summary": result.report.summary(), "notes": result.report.notes,
             "seconds": round(result.report.seconds, 3), "device": result.report.device, "dtype": dtype,
             "waited_s": round(waited, 3), "requested_at": requested, "started_at": started,
             "finished_at": finished, "loaded_model": loader.loaded_title(),
             "recipe": result.recipe.params_dict()}
+
+
+def _lora_request(payload: dict, overwrite: bool) -> tuple[str | None, tuple[int, int | None]]:
+    """``save_lora`` (a name in the WebUI's Lora folder) and its ranks, checked before any merge."""
+    raw = str(payload.get("save_lora") or "").strip()
+    ranks = []
+    for field, default in (("lora_rank", 32), ("lora_conv_rank", None)):
+        value = payload.get(field, default)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ParameterError(f"{field} must be a whole number of at least 1, got {value!r}")
+        ranks.append(value)
+    if not raw:
+        if payload.get("lora_rank") is not None or payload.get("lora_conv_rank") is not None:
+            raise ParameterError("lora_rank/lora_conv_rank need save_lora (the LoRA's file name)")
+        return None, (ranks[0], ranks[1])
+    folder = host.lora_dir()
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, check_save_name(raw, folder))
+    if os.path.exists(target) and not overwrite:
+        raise OutputError("exists already; pass overwrite=true or choose another name", target)
+    return target, (ranks[0], ranks[1])
+
+
+def _save_lora(recipe: MergeRecipe, target: str, ranks: tuple[int, int | None], device: str, overwrite: bool
+               ) -> dict:
+    """Merge again in float32 and write the delta as a LoRA (lib_merge.lora.extract); the Lora list is refreshed."""
+    from ..lora.extract import merge_to_lora
+    _, extract = merge_to_lora(recipe, target, ranks[0], ranks[1], device=device, overwrite=overwrite,
+                               lora_dtype="fp16", protected_paths=host.loaded_checkpoint_files())
+    host.refresh_loras()
+    name, energy = extract.worst
+    return {"path": target, "title": host.LORA_MARK + os.path.relpath(target, host.lora_dir()).replace(os.sep, "/"),
+            "modules": extract.modules, "rank": extract.rank, "conv_rank": extract.conv_rank,
+            "worst_energy": round(energy, 6), "worst_module": name}
 
 
 def _title_of(path: str | None) -> str | None:

@@ -95,14 +95,16 @@ def checkpoint_titles() -> list[str]:
 
 
 def find_checkpoint(title_or_path: str):
-    """The CheckpointInfo for a title, short name, hash or path in the WebUI's list."""
+    """The CheckpointInfo for a title, short name, hash or path in the WebUI's list (or a "LoRA: " title)."""
     from modules import sd_models
     text = (title_or_path or "").strip()
     if not text:
         raise CheckpointError("no checkpoint given")
+    if text.startswith(LORA_MARK):
+        return find_lora(text)
     if os.path.isabs(text):
         real = os.path.realpath(text)
-        for info in checkpoint_infos():
+        for info in [*checkpoint_infos(), *lora_infos()]:
             if os.path.realpath(info.filename) == real:
                 return info
         raise CheckpointError("is not in the WebUI's checkpoint list (refresh the list, or put it in "
@@ -111,6 +113,69 @@ def find_checkpoint(title_or_path: str):
     if info is None or is_merged_info(info):
         raise CheckpointError("no such checkpoint in the WebUI's list (refresh it?)", text)
     return info
+
+
+# -- LoRAs (issue 11): listed beside the checkpoints, marked, resolved from the Lora folder ------------
+
+LORA_MARK = "LoRA: "
+LORA_SUFFIXES = (".safetensors",)
+
+
+class LoraInfo:
+    """A LoRA file as the tab and the HTTP API name it: ``title`` ("LoRA: sub/name.safetensors"), ``filename``."""
+
+    def __init__(self, title: str, filename: str) -> None:
+        self.title, self.filename = title, filename
+        self.name = title[len(LORA_MARK):]
+
+
+def lora_dir() -> str:
+    """The WebUI's Lora folder: ``--lora-dir``, else models/Lora (where its built-in Lora extension looks)."""
+    from modules import paths, shared
+    given = getattr(shared.cmd_opts, "lora_dir", None)
+    return os.path.abspath(given or os.path.join(paths.models_path, "Lora"))
+
+
+def lora_infos() -> list[LoraInfo]:
+    """Every .safetensors under the Lora folder (what the file holds is checked when it is merged)."""
+    try:
+        folder = lora_dir()
+    except Exception:   # no Lora folder setting in this host: no LoRAs listed
+        return []
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(LORA_SUFFIXES) and not name.startswith("."):
+                path = os.path.join(root, name)
+                found.append(LoraInfo(LORA_MARK + os.path.relpath(path, folder).replace(os.sep, "/"), path))
+    return found
+
+
+def lora_titles() -> list[str]:
+    return [info.title for info in lora_infos()]
+
+
+def find_lora(title: str) -> LoraInfo:
+    """The LoRA shown as ``title`` ("LoRA: name.safetensors", or without the folder or the suffix)."""
+    wanted = title[len(LORA_MARK):].strip() if title.startswith(LORA_MARK) else title.strip()
+    infos = lora_infos()
+    for info in infos:
+        if info.name == wanted:
+            return info
+    matches = [i for i in infos if os.path.splitext(os.path.basename(i.name))[0] == os.path.splitext(wanted)[0]]
+    if len(matches) == 1:
+        return matches[0]
+    raise CheckpointError(f"no such LoRA in the Lora folder {lora_dir()} (refresh the list?)", title)
+
+
+def refresh_loras() -> None:
+    """Have the WebUI's Lora extension re-scan its folder (after "Save as LoRA"); quiet where it is absent."""
+    try:
+        import networks   # extensions-builtin/Lora (A1111) or sd_forge_lora (Forge), on sys.path in the WebUI
+        networks.list_available_networks()
+    except Exception:
+        pass
 
 
 def refresh_checkpoints() -> None:
@@ -411,13 +476,14 @@ class WebUIHost(TabHost):
         self.kind = detect()
 
     def list_checkpoints(self) -> list[str]:
-        return checkpoint_titles()
+        return checkpoint_titles() + lora_titles()   # LoRAs after the checkpoints, marked "LoRA: "
 
     def resolve(self, title: str) -> str:
         return find_checkpoint(title).filename
 
     def refresh(self) -> None:
         refresh_checkpoints()
+        refresh_loras()
 
     def default_device(self) -> str:
         return merge_device()     # "cuda:1" stays "cuda:1" (the tab lists it beside cpu and cuda)
@@ -446,7 +512,8 @@ class WebUIHost(TabHost):
         mirror_progress(event, self.session.cancel)
 
 
-__all__ = ["A1111", "FORGE", "detect", "version", "in_webui", "models_dir", "checkpoint_titles",
+__all__ = ["LORA_MARK", "lora_dir", "lora_infos", "lora_titles", "find_lora", "refresh_loras",
+           "A1111", "FORGE", "detect", "version", "in_webui", "models_dir", "checkpoint_titles",
            "checkpoint_infos", "find_checkpoint", "refresh_checkpoints", "is_merged_info", "webui_device",
            "merge_device", "merge_device_info", "resolve_device", "low_vram_mode", "on_free_vram", "free_vram",
            "gpu_room", "out_of_memory_error", "merge_precision", "cache_budget_mb", "exclusive", "holds_queue_lock",
