@@ -87,6 +87,20 @@ def test_budget_is_measured_per_grid_on_the_merge_device(fresh_cache, monkeypatc
     xyz_cache.grid_finished()
 
 
+def test_vram_status_says_why(fresh_cache, monkeypatch):
+    _cuda_machine(monkeypatch)
+    monkeypatch.setattr(host, "merge_device_info", lambda: host.resolve_device("auto", "cuda:1"))
+    monkeypatch.setattr(compat, "mem_get_info", lambda device: (9 * GIB, 12 * GIB))
+    settings(monkeypatch)
+    before = xyz_cache.vram_status()
+    assert before == {"merge_device": "cuda:1", "device_note": "", "setting_mb": -1.0, "low_vram": False,
+                      "host": "a1111", "in_grid": False, "grid_budget_mb": None}
+    xyz_cache.grid_started()
+    during = xyz_cache.vram_status()
+    assert during["in_grid"] is True and during["grid_budget_mb"] == 9 * 1024 - 3072
+    xyz_cache.grid_finished()
+
+
 @pytest.mark.parametrize("low_vram,kind", [(True, "a1111"), (False, "forge")])
 def test_auto_budget_is_zero_with_medvram_and_on_forge(fresh_cache, monkeypatch, low_vram, kind):
     monkeypatch.setattr(compat, "mem_get_info", lambda device: (20 * GIB, 24 * GIB))

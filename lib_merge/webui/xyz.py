@@ -454,7 +454,8 @@ def status() -> dict:
     xyz = xyz_module()
     labels = [opt.label for opt in xyz.axis_options] if xyz is not None else []
     return {"axes": [spec.label for spec in AXES if spec.label in labels], "cache": cache_stats(),
-            "last_grid": last_grid(), "after_grid": str(host.setting(OPT_AFTER_GRID, AFTER_RESTORE))}
+            "last_grid": last_grid(), "after_grid": str(host.setting(OPT_AFTER_GRID, AFTER_RESTORE)),
+            "vram": xyz_cache.vram_status()}
 
 
 def on_app_started(_demo, app) -> None:

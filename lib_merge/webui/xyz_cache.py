@@ -156,6 +156,15 @@ def drop_cache() -> str:
     return "input cache dropped"
 
 
+def vram_status() -> dict:
+    """Why the GPU tier has the budget it has (the X/Y/Z status route): the merge device, the
+    setting, whether the host saves VRAM (lowvram/medvram) or manages it (Forge), the grid's budget."""
+    chosen = host.merge_device_info()
+    return {"merge_device": chosen.device, "device_note": chosen.note, "setting_mb": setting_mb(),
+            "low_vram": host.low_vram_mode(), "host": host.detect(), "in_grid": _in_grid,
+            "grid_budget_mb": None if _grid_gpu_mb is None else round(_grid_gpu_mb, 1)}
+
+
 def cache_stats() -> dict | None:
     """The cache's figures for the status route; None before the first grid cell used it."""
     with _cache_lock:
@@ -164,4 +173,4 @@ def cache_stats() -> dict | None:
 
 __all__ = ["OPT_CACHE_GPU_MB", "gpu_budget_mb", "auto_budget_mb", "reserve_mb", "measure_auto_budget_mb",
            "grid_started", "grid_finished", "release_vram", "on_out_of_memory", "holds_vram", "input_cache",
-           "drop_cache", "cache_stats"]
+           "drop_cache", "cache_stats", "vram_status"]

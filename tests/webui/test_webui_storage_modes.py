@@ -44,6 +44,8 @@ def test_hot_load_keeps_lowvram_and_fp8_storage(webui_mode):
     storage = before["storage"]
     if webui.kind == "a1111":
         assert storage["lowvram"] is True, storage
+        # --lowvram: the X/Y/Z input cache's auto GPU budget is 0 (issue 17)
+        assert webui.ok("GET", "/dare-merge/v1/xyz")["vram"]["low_vram"] is True
         assert storage["dtypes"].get("float8_e4m3fn", 0) > 500, storage
     else:
         assert storage["dtypes"]["unet"].get("float8_e4m3fn", 0) > 100, storage
