@@ -141,3 +141,18 @@ def delta_rows(f: Factors, r0: int, r1: int, rows: int, cols: int) -> torch.Tens
             w1 = w1.reshape(*w1.shape, 1, 1)
         out = torch.kron(w1, w2).reshape(rows, cols)[r0:r1]
     return out.reshape(r1 - r0, cols) * f.scale
+
+
+def add_rows_(out: torch.Tensor, f: Factors, r0: int, r1: int, rows: int, cols: int, overwrite: bool = False) -> None:
+    """``out += rows [r0, r1) of the delta`` (``out =`` with ``overwrite``), one fused addmm for a plain LoRA.
+
+    Allocating a fresh delta per window, zeroing and adding it were measured
+    to take longer than the product itself (page faults, passes over memory).
+    """
+    if f.kind == "lora" and "mid" not in f.t and f.dora_scale is None:
+        up = f.t["up"].reshape(rows, -1)[r0:r1]
+        out.addmm_(up, f.t["down"].reshape(up.shape[1], -1), beta=0.0 if overwrite else 1.0, alpha=f.scale)
+    elif overwrite:
+        out.copy_(delta_rows(f, r0, r1, rows, cols))
+    else:
+        out.add_(delta_rows(f, r0, r1, rows, cols))

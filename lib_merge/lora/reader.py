@@ -25,7 +25,7 @@ import torch
 from ..arch import ARCH_NAMES
 from ..checkpoint import Checkpoint, TensorInfo
 from ..errors import ArchitectureError, CheckpointError, ShapeMismatchError
-from .delta import Factors, delta_rows, load_factors, module_shape
+from .delta import Factors, add_rows_, delta_rows, load_factors, module_shape
 from .formats import Module, looks_like_lora, lora_arch_hint, parse_modules
 from .keymap import FAMILY_PREFIX, KeyMap, Target, build_keymap
 
@@ -153,26 +153,43 @@ class LoraInput(Checkpoint):
             w0, w1 = 0, rows_total
         else:
             w0, w1 = r0, min(rows_total, max(r1, r0 + max(1, WINDOW // cols)))
-        window = self.delta(key, w0, w1, device)
+        window = self._delta(key, w0, w1, device)
         self._local.window = (key, w0, w1, window)
         return w0, window
 
-    def delta(self, key: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
-        """Rows [r0, r1) of this LoRA's delta on ``key`` as a [rows, columns] float32 matrix."""
+    def _delta(self, key: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+        """Rows [r0, r1) of this LoRA's delta on ``key`` as a [rows, columns] float32 matrix (a view of this
+        thread's buffer: valid until its next call)."""
         info = self._infos[key]
         cols = max(1, math.prod(info.shape[1:]))
-        out = torch.zeros(r1 - r0, cols, dtype=torch.float32, device=device)
+        out = self._buffer((r1 - r0) * cols, device).view(r1 - r0, cols)
+        filled = False   # the first module covering the whole window writes it; no zeroing pass then
         for module, rows, m_rows, m_cols in self._targets[key]:
             lo, hi = rows if rows else (0, m_rows)
             a, b = max(r0, lo), min(r1, hi)
             if a >= b:
                 continue
+            if not filled and (a, b) != (r0, r1):
+                out.zero_()
+                filled = True
             f = self._factors_of(module, device)
-            d = delta_rows(f, a - lo, b - lo, m_rows, m_cols)
             if f.dora_scale is not None:
-                d = self._dora(key, f, d)
-            out[a - r0:b - r0] += d
+                d = self._dora(key, f, delta_rows(f, a - lo, b - lo, m_rows, m_cols))
+                out[a - r0:b - r0].copy_(d) if not filled else out[a - r0:b - r0].add_(d)
+            else:
+                add_rows_(out[a - r0:b - r0], f, a - lo, b - lo, m_rows, m_cols, overwrite=not filled)
+            filled = True
+        if not filled:
+            out.zero_()
         return out
+
+    def _buffer(self, n: int, device: torch.device) -> torch.Tensor:
+        """This thread's window memory, reused: fresh multi-MB allocations page-fault on every window."""
+        buf = getattr(self._local, "buffer", None)
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = torch.empty(max(n, WINDOW), dtype=torch.float32, device=device)
+            self._local.buffer = buf
+        return buf[:n]
 
     def _dora(self, key: str, f: Factors, d: torch.Tensor) -> torch.Tensor:
         """W' - W with W' = (W + d) * dora_scale / ||W + d|| (whole key; the norm axis from dora_scale's shape).
