@@ -534,7 +534,8 @@ def run_selftest(device: str = "auto", arch: str = "sd1", progress: ProgressFn |
         raise MergeError(f"unknown architecture {arch!r}; use sd1, sd2 or sdxl")
     target = resolve_merge_device(device)
     if str(device).startswith("cuda") and not target.is_cuda:
-        raise MergeError(f"{target.note}; run the self-test with --device cpu")
+        raise MergeError(f"{device} is not usable here ({target.note.split(': ', 1)[-1]}; torch "
+                         f"{describe_torch()}); run the self-test with --device cpu")
     scale = default_scale_down(target.device) if scale_down is None else scale_down
     if scale < 1:
         raise MergeError(f"--scale-down must be at least 1, got {scale}")

@@ -115,7 +115,8 @@ def test_cli_selftest(tmp_path, monkeypatch, capsys):
 def test_cli_selftest_on_cuda_without_cuda_is_one_line(capsys):
     assert main(["selftest", "--device", "cuda", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: merging on the CPU: cuda was asked for but CUDA is not available")
+    assert err.startswith("error: cuda is not usable here (cuda was asked for but CUDA is not available")
+    assert torch.__version__ in err
     assert "--device cpu" in err and err.count("\n") == 1
 
 
