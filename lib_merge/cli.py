@@ -35,6 +35,13 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vote-sgn", action=argparse.BooleanOptionalAction, default=None,
                    help="elect signs by counting them (TIES-SOUP); note sd-mecha >= 0.1.0 means the opposite")
     p.add_argument("--lambda", dest="lam", type=float, help="DARE rescale strength: delta * (1-p)^-lambda, 0..2")
+    p.add_argument("--rescale", choices=["uniform", "unbiased"],
+                   help="DARE rescale: uniform (1-p)^-lambda (default), or unbiased 1/(1-p^j) where j models "
+                        "agree (TIES mean only; lambda unused)")
+    p.add_argument("--epsilon", type=float,
+                   help="DELLA: keep probability runs over 1-p-eps .. 1-p+eps by |delta| rank (default 0.1)")
+    p.add_argument("--beta", type=float,
+                   help="Breadcrumbs: fraction of the largest |delta| dropped per tensor (default 0.01)")
     p.add_argument("--seed", type=int, help=f"seed of the DARE masks (default {DEFAULT_SEED})")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one positive weight per model")
     p.add_argument("--merge", choices=["mean", "sum"], help="disjoint mean (TIES) or sum (task arithmetic)")
@@ -72,6 +79,7 @@ _RECIPE_FLAGS = {
     "base": ("base", None), "models": ("models", None), "method": ("method", None), "p": ("p", None),
     "k": ("k", None), "alpha": ("alpha", None), "lam": ("lam", None), "vote_sgn": ("vote_sgn", None),
     "seed": ("seed", None), "weights": ("weights", None), "merge": ("merge", None),
+    "epsilon": ("epsilon", None), "beta": ("beta", None), "rescale": ("rescale", None),
     "alpha_unet": ("alpha_unet", None), "alpha_te": ("alpha_te", None),
     "block_weights": ("block_alpha", lambda v: v.strip() or None),
     "block_p": ("block_p", lambda v: v.strip() or None), "block_k": ("block_k", lambda v: v.strip() or None),
@@ -113,6 +121,9 @@ def _recipe_from_args(a: argparse.Namespace) -> tuple[MergeRecipe, str]:
         print(f"recipe: {a.recipe} records no output dtype; writing {dtype}")
     for line in changes:
         print(f"recipe override: {line}")
+    scheme_note = stored.mask_scheme_note()
+    if scheme_note:
+        print(f"recipe: {scheme_note}")
     # inputs the user replaced are the user's choice; the rest must be the bytes that were merged
     kept = [item for item in stored.inputs
             if not (item.role == "base" and "base" in given) and not (item.role != "base" and "models" in given)]

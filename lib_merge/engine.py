@@ -150,6 +150,7 @@ class MergePlan:
         refuse_lora_base(self.base)   # LoRA files among the models become theta0 + delta readers
         self.models = [bind_lora(m, self.base, self.base.arch) for m in self.models]
         self.arch = self._check_arch()
+        self.mask_ids = self._mask_ids()
         self.recipe.block_count_ok(self.arch)
         self.report = MergeReport(arch=self.arch, method=self.spec.name, notes=list(self.notes))
         self._blocks = {name: parse_block_values(text, self.arch, name.replace("_", " "))
@@ -157,6 +158,33 @@ class MergePlan:
                         if (text := getattr(self.recipe, name))}
         self._check_block_ranges()
         self.tasks = self._plan_keys()
+
+    def _mask_ids(self) -> list[str] | None:
+        """Each model's mask identity (content sha256 + occurrence), when this merge draws DARE masks.
+
+        Hashing a file costs about a second per GB the first time (then the
+        hash cache answers), so it is only done when masks are drawn; worker
+        processes receive the identities with the recipe.
+        """
+        r = self.recipe
+        if r.mask_ids is not None:
+            if len(r.mask_ids) != len(r.models):
+                raise ParameterError("internal: mask identities do not match the models")
+            return list(r.mask_ids)
+        kind = self.spec.kind
+        if not (kind == "della" or (kind == "delta" and "p" in self.spec.uses and (r.p > 0.0 or bool(r.block_p)))):
+            return None
+        from .errors import CheckpointError
+        from .hashing import sha256_file
+        from .masks import model_mask_ids
+        digests = []
+        for path in r.models:
+            try:
+                digests.append(sha256_file(path))
+            except OSError as exc:
+                raise CheckpointError(f"cannot read it to name its DARE masks: {exc.strerror or exc}", path) from None
+        r.mask_ids = model_mask_ids(digests)
+        return list(r.mask_ids)
 
     def _check_arch(self) -> str:
         base_arch = self.base.arch
@@ -176,6 +204,7 @@ class MergePlan:
 
     def _check_block_ranges(self) -> None:
         knob = {"block_alpha": "alpha", "block_p": "p", "block_k": "k"}
+        from .della import check_epsilon
         from .recipe import check_range
         for name, values in self._blocks.items():
             for label, value in values.items():
@@ -183,6 +212,10 @@ class MergePlan:
                     check_range(knob[name], value)
                 except ParameterError as exc:
                     raise ParameterError(f"{name.replace('_', ' ')} {label}: {exc}") from None
+                why = check_epsilon(value, self.recipe.epsilon or 0.0) \
+                    if name == "block_p" and self.spec.kind == "della" else None
+                if why:
+                    raise ParameterError(f"block p {label}: {why}")
 
     def _key_params(self, key: str, component: str) -> kernels.DeltaParams:
         r = self.recipe
@@ -199,8 +232,13 @@ class MergePlan:
             k = self._blocks.get("block_k", {}).get(block, k)
         if not self.spec.trim:
             k = 1.0
+        if "p" not in self.spec.uses:
+            p = 0.0   # Breadcrumbs: no random drop
         return kernels.DeltaParams(p=p, k=k, vote_sgn=r.vote_sgn, lam=r.lam, alpha=alpha,
-                                   merge=r.merge, elect=self.spec.elect)
+                                   merge=r.merge, elect=self.spec.elect,
+                                   epsilon=float(r.epsilon or 0.0) if "epsilon" in self.spec.uses else 0.0,
+                                   beta=float(r.beta or 0.0) if "beta" in self.spec.uses else 0.0,
+                                   rescale=r.rescale if "rescale" in self.spec.uses else "uniform")
 
     def _plan_keys(self) -> list[KeyTask]:
         r, report = self.recipe, None
@@ -377,7 +415,7 @@ class KeyMerger:
         merged = self._merge_flat(task, base_src, model_srcs, cancel)
         if task.channel_slice is None:
             return merged.view(task.shape)
-        out = base_full.to(task.dtype).clone()
+        out = base_full.to(device="cpu", dtype=task.dtype, copy=True)   # on the CPU, wherever the input is
         out[:, :task.channel_slice] = merged.view(out[:, :task.channel_slice].shape)
         return out
 
@@ -393,19 +431,31 @@ class KeyMerger:
         if n == 0:
             return out   # an empty tensor merges to an empty tensor (no trim rank, no SLERP angle)
         params = task.params
-        masks = thresholds = None
+        masks = thresholds = uppers = None
         coeffs = None
+        if spec.kind == "della":
+            return self._merge_della(task, base, models, weights, out, cancel)
+        if spec.kind == "lincomb":
+            from . import lincomb
+            g = lincomb.gram(base, models, n)
+            coeffs = (lincomb.model_stock_coefficients(g) if spec.name == "model_stock"
+                      else lincomb.geometric_median_coefficients(g, weights))
         if spec.kind == "delta":
             if params.p > 0:
-                masks = [kernels.DropMask(self.hasher, mask_salt(plan.recipe.seed, task.key, i))
+                masks = [kernels.DropMask(self.hasher, mask_salt(plan.recipe.seed, task.key, plan.mask_ids[i]))
                          for i in task.models]
-            if params.k < 1.0:
-                thresholds = [self._threshold(base, m, masks[j] if masks else None, params, cancel)
-                              for j, m in enumerate(models)]
+            lower_rank, upper_rank = kernels.band_ranks(n, params.k, params.beta) if params.beta > 0 \
+                else ((kernels.trim_rank(n, params.k) if params.k < 1.0 else None), None)
+            if lower_rank is not None or upper_rank is not None:
+                cuts = [self._threshold(base, m, masks[j] if masks else None, params, cancel,
+                                        ranks=(lower_rank, upper_rank))
+                        for j, m in enumerate(models)]
+                thresholds = [c[0] for c in cuts] if lower_rank is not None else None
+                uppers = [c[1] for c in cuts] if upper_rank is not None else None
         elif spec.kind == "slerp":
             alpha = params.alpha
             coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base[0:n], models[0][0:n]), alpha)
-        constants = kernels.key_constants(masks, thresholds, weights, self.device)
+        constants = kernels.key_constants(masks, thresholds, weights, self.device, uppers)
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
@@ -418,6 +468,9 @@ class KeyMerger:
             elif spec.kind == "weighted_sum":
                 result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
                                                     constants)
+            elif spec.kind == "lincomb":
+                from .lincomb import lincomb_apply
+                result = lincomb_apply(theta0, thetas, coeffs, params.alpha)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
             if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
@@ -425,12 +478,59 @@ class KeyMerger:
             out[start:stop].copy_(result)
         return out
 
+    def _merge_della(self, task: KeyTask, base, models, weights: list[float], out: torch.Tensor,
+                     cancel: CancelToken | None) -> torch.Tensor:
+        """DELLA on row-aligned blocks (a row's ranks need the whole row); trim thresholds first if k < 1."""
+        from . import della
+        plan, params = self.plan, task.params
+        n = out.numel()
+        m = della.row_length(task.shape if task.channel_slice is None
+                             else (task.shape[0], n // max(task.shape[0], 1)))
+        salts = self.hasher.salts([mask_salt(plan.recipe.seed, task.key, plan.mask_ids[i]) for i in task.models])
+        blocks = della.row_blocks(n, m, self.chunk)
+        thresholds = None
+        if params.k < 1.0:
+            thresholds = []
+            if self._magnitudes.numel() < n:
+                self._magnitudes = torch.empty(n, dtype=torch.int32, device=self.device)
+            for j, model in enumerate(models):
+                for start, stop in blocks:
+                    if cancel is not None:
+                        cancel.check()
+                    tau = della.della_taus(self._dev(base[start:stop]), [self._dev(model[start:stop])], m,
+                                           params.p, params.epsilon, params.lam, self.hasher, salts[j:j + 1],
+                                           start)
+                    torch.bitwise_and(tau[0].view(torch.int32), self.hasher.const(0x7FFFFFFF),
+                                      out=self._magnitudes[start:stop])
+                pattern = kth_smallest_pattern(self._magnitudes[:n], kernels.trim_rank(n, params.k))
+                thresholds.append(torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0].to(self.device))
+        for start, stop in blocks:
+            if cancel is not None:
+                cancel.check()
+            theta0 = self._dev(base[start:stop])
+            thetas = [self._dev(mdl[start:stop]) for mdl in models]
+            taus = della.della_taus(theta0, thetas, m, params.p, params.epsilon, params.lam, self.hasher, salts,
+                                    start)
+            rows = []
+            for t in range(len(models)):
+                tau = kernels.trim_(taus[t], thresholds[t] if thresholds else None)
+                rows.append(kernels.weigh_(tau, weights[t]))
+            gamma = kernels.elect_sign(rows, params.vote_sgn) if params.elect else None
+            result = kernels.add_back(theta0, kernels.disjoint_merge(rows, weights, gamma, params.merge),
+                                      params.alpha)
+            if not _fits(result, task.dtype):
+                self._nonfinite(task, base[start:stop], [mdl[start:stop] for mdl in models], result)
+            out[start:stop].copy_(result)
+        return out
+
     def _threshold(self, base: torch.Tensor, model: torch.Tensor, mask: kernels.DropMask | None,
-                   params: kernels.DeltaParams, cancel: CancelToken | None) -> torch.Tensor:
+                   params: kernels.DeltaParams, cancel: CancelToken | None,
+                   ranks: tuple[int | None, int | None] | None = None):
         """Trim threshold of one model's whole (DARE-dropped) delta: one tensor of memory.
 
         The magnitudes are kept as their int32 bit patterns (|x| is the pattern
         with the sign bit cleared), which is what the radix select counts.
+        With ``ranks`` (lower, upper), returns both cuts (None where a rank is None).
         """
         n = base.numel()
         if self._magnitudes.numel() < n:
@@ -449,6 +549,10 @@ class KeyMerger:
             if salts is not None:
                 self.hasher.drop_rows_(delta, salts, start, params.p)
             torch.bitwise_and(delta[0].view(torch.int32), abs_bits, out=magnitudes[start:stop])
+        if ranks is not None:
+            return tuple(None if rank is None else torch.tensor(
+                [kth_smallest_pattern(magnitudes, rank)], dtype=torch.int32).view(torch.float32)[0]
+                for rank in ranks)
         pattern = kth_smallest_pattern(magnitudes, kernels.trim_rank(n, params.k))
         return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
 
@@ -570,6 +674,8 @@ def compute_task(plan: MergePlan, merger: "KeyMerger | None", index: int, cancel
     task = plan.tasks[index]
     if task.action == "copy":
         tensor = plan.base.tensor(task.key)
+        if tensor.device.type != "cpu":   # an input cache's device tier: results always come back on the CPU
+            return tensor.to(device="cpu", dtype=task.dtype)
         if tensor.dtype != task.dtype:
             return tensor.to(task.dtype)
         return tensor.clone() if own_memory else tensor

@@ -46,6 +46,9 @@ class DeltaParams:
     alpha: float = 1.0      # weight of the merged delta
     merge: str = "mean"     # "mean" (disjoint mean) or "sum"
     elect: bool = True      # TIES sign election (steps 5-6)
+    epsilon: float = 0.0    # DELLA: spread of the keep probability around 1 - p (della.py)
+    beta: float = 0.0       # Breadcrumbs: fraction of the largest |delta| dropped (step 3)
+    rescale: str = "uniform"  # step 8: "uniform" (1-p)^-lambda, or "unbiased" 1/(1 - p^j) (mean only)
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,40 @@ def trim_threshold(delta: torch.Tensor, k: float) -> torch.Tensor | None:
     return kth_smallest(flat.abs(), trim_rank(flat.numel(), k))
 
 
-def trim_(delta: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
-    """Step 3: keep elements whose magnitude reaches the threshold (ties kept)."""
+def trim_(delta: torch.Tensor, threshold: torch.Tensor | None,
+          upper: torch.Tensor | None = None) -> torch.Tensor:
+    """Step 3: keep elements whose magnitude reaches the threshold (ties kept).
+
+    ``upper`` (Breadcrumbs) also drops the elements above it: the largest
+    beta fraction, see :func:`band_ranks`.
+    """
     if threshold is not None:
         delta.masked_fill_(delta.abs() < threshold, 0.0)
+    if upper is not None:
+        delta.masked_fill_(delta.abs() > upper, 0.0)
     return delta
+
+
+def band_ranks(numel: int, k: float, beta: float) -> tuple[int | None, int | None]:
+    """Breadcrumbs' 1-based ranks (lower, upper) among the |delta| values; None where no cut.
+
+    The largest nb = floor(beta n) magnitudes are dropped: keep |delta| <= the
+    (n - nb)-th smallest.  Of the rest the next k fraction is kept: keep
+    |delta| >= the max(floor((1 - k) n) - nb, 1)-th smallest (ties kept at both
+    ends).  beta = 0 is the TIES trim.
+    """
+    nb = math.floor(beta * numel)
+    upper = numel - nb if nb >= 1 else None
+    lower = max(math.floor((1.0 - k) * numel) - nb, 1) if k < 1.0 else None
+    if lower == 1:
+        lower = None   # the smallest magnitude: nothing below it to drop
+    return lower, upper
+
+
+def unbiased_factor(j: torch.Tensor, p: float) -> torch.Tensor:
+    """1 / (1 - p^j), and 0 where j = 0: the chance that at least one of j agreeing deltas survives DARE."""
+    survive = 1.0 - torch.pow(torch.tensor(p, dtype=torch.float32, device=j.device), j)
+    return torch.where(j > 0, 1.0 / survive.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
 
 
 def weigh_(tau: torch.Tensor, weight: float) -> torch.Tensor:
@@ -152,27 +184,45 @@ def add_back(theta0: torch.Tensor, tau_m: torch.Tensor, alpha: float) -> torch.T
 def delta_merge(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
                 params: DeltaParams, masks: Sequence[DropMask | None] | None = None,
                 thresholds: Sequence[torch.Tensor | None] | None = None,
-                start: int = 0, nonfinite: list[str] | None = None) -> torch.Tensor:
+                start: int = 0, nonfinite: list[str] | None = None,
+                uppers: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Steps 1-9 on one chunk (or a whole flattened tensor) of every model.
 
     ``thresholds`` are the per-model trim thresholds of the whole tensor; when
     None they are computed from this chunk, which is right only when the chunk
-    is the whole tensor.  When ``nonfinite`` is a list, a NaN/Inf reaching the
+    is the whole tensor.  ``uppers`` are Breadcrumbs' upper cuts (same rule).
+    When ``nonfinite`` is a list, a NaN/Inf reaching the
     election is recorded in it (the election would otherwise hide it as a 0).
     """
-    taus = []
+    taus, kept = [], []
+    unbiased = unbiased_applies(params)
     for t, theta_t in enumerate(thetas):
         delta = task_delta(theta_t, theta0)                                      # 1
+        whole = delta.clone() if unbiased else None
         dare_drop_(delta, masks[t] if masks else None, start, params.p)           # 2
         threshold = thresholds[t] if thresholds is not None else trim_threshold(delta, params.k)
-        trim_(delta, threshold)                                                   # 3
+        upper = uppers[t] if uppers is not None else None
+        trim_(delta, threshold, upper)                                            # 3
+        if whole is not None:
+            kept.append(trim_(whole, threshold, upper))
         taus.append(weigh_(delta, weights[t]))                                    # 4
     gamma = elect_sign(taus, params.vote_sgn) if params.elect else None          # 5
     if nonfinite is not None and gamma is not None and not bool(torch.isfinite(gamma).all()):
         nonfinite.append("a model's delta")
     tau_m = disjoint_merge(taus, weights, gamma, params.merge)                    # 6-7
-    tau_m.mul_(rescale_factor(params.p, params.lam))                              # 8
+    if unbiased:                                                                  # 8
+        j = torch.zeros_like(tau_m)
+        for whole in kept:
+            j += agree_mask(whole, gamma).float()
+        tau_m.mul_(unbiased_factor(j, params.p))
+    else:
+        tau_m.mul_(rescale_factor(params.p, params.lam))
     return add_back(theta0, tau_m, params.alpha)                                  # 9
+
+
+def unbiased_applies(params: DeltaParams) -> bool:
+    """The unbiased rescale replaces step 8 only for a disjoint mean with election and p > 0."""
+    return params.rescale == "unbiased" and params.elect and params.merge == "mean" and params.p > 0.0
 
 
 class Workspace:
@@ -206,6 +256,12 @@ class Workspace:
     def bits(self, rows: int, n: int) -> torch.Tensor:
         return self._bits[:rows * n].view(rows, n)
 
+    def extra(self, rows: int, n: int) -> torch.Tensor:
+        """One more [rows, n] float32 block, allocated on first use (the unbiased rescale's undropped deltas)."""
+        if getattr(self, "_extra", None) is None or self._extra.numel() < rows * n:
+            self._extra = torch.empty(self._taus.numel(), dtype=torch.float32, device=self.device)
+        return self._extra[:rows * n].view(rows, n)
+
 
 @dataclass(frozen=True)
 class KeyConstants:
@@ -222,12 +278,14 @@ class KeyConstants:
     weights: torch.Tensor | None
     abs_bits: torch.Tensor | None   # 0x7FFFFFFF as a 0-d int32 tensor
     shift31: torch.Tensor | None
+    upper_plus_one: torch.Tensor | None = None   # [models, 1] int32: Breadcrumbs' upper cut pattern + 1
 
 
 def key_constants(masks: Sequence[DropMask | None] | None, thresholds: Sequence[torch.Tensor | None] | None,
-                  weights: Sequence[float], device: torch.device | str) -> KeyConstants:
+                  weights: Sequence[float], device: torch.device | str,
+                  uppers: Sequence[torch.Tensor | None] | None = None) -> KeyConstants:
     """Turn one key's masks, thresholds and weights into the tensors the fused kernel broadcasts."""
-    hasher = salts = thr = w = abs_bits = shift31 = None
+    hasher = salts = thr = w = abs_bits = shift31 = upper = None
     live = [m for m in masks or () if m is not None]
     if live and len(live) != len(masks):
         raise ValueError("DARE masks are needed for every model or for none")
@@ -241,9 +299,25 @@ def key_constants(masks: Sequence[DropMask | None] | None, thresholds: Sequence[
         thr = torch.tensor(patterns, dtype=torch.int32, device=device).sub_(1).reshape(-1, 1)
         abs_bits = torch.tensor(0x7FFFFFFF, dtype=torch.int32, device=device)
         shift31 = torch.tensor(31, dtype=torch.int32, device=device)
+    if uppers is not None and any(u is not None for u in uppers):
+        # a model without an upper cut keeps everything: 0x7FFFFFFF is above every |x| pattern but NaN's top
+        patterns = [min(int(u.to(torch.float32).reshape(1).cpu().view(torch.int32).item()) + 1, 0x7FFFFFFF)
+                    if u is not None else 0x7FFFFFFF for u in uppers]
+        upper = torch.tensor(patterns, dtype=torch.int32, device=device).reshape(-1, 1)
+        abs_bits = torch.tensor(0x7FFFFFFF, dtype=torch.int32, device=device)
+        shift31 = torch.tensor(31, dtype=torch.int32, device=device)
     if any(weight != 1.0 for weight in weights):
         w = torch.tensor(list(weights), dtype=torch.float32, device=device).reshape(-1, 1)
-    return KeyConstants(hasher, salts, thr, w, abs_bits, shift31)
+    return KeyConstants(hasher, salts, thr, w, abs_bits, shift31, upper)
+
+
+def cut_upper_bits_(taus: torch.Tensor, upper_plus_one: torch.Tensor, bits: torch.Tensor,
+                    abs_bits: torch.Tensor, shift31: torch.Tensor) -> None:
+    """Breadcrumbs' upper cut on bit patterns: keep |tau| <= u  <=>  bits(|tau|) - (bits(u) + 1) < 0."""
+    torch.bitwise_and(taus.view(torch.int32), abs_bits, out=bits)
+    bits.sub_(upper_plus_one)
+    bits.bitwise_right_shift_(shift31)
+    taus.view(torch.int32).bitwise_and_(bits)
 
 
 def trim_bits_(taus: torch.Tensor, thr_minus_one: torch.Tensor, bits: torch.Tensor,
@@ -297,6 +371,10 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     for t, theta_t in enumerate(thetas):
         taus[t].copy_(theta_t)
     taus.sub_(base)                                                               # 1
+    whole = None
+    if unbiased_applies(params):   # the undropped deltas: how many models agree before the drop (step 8)
+        whole = ws.extra(rows, n)
+        whole.copy_(taus)
     if params.p > 0 and constants.salts is not None:                              # 2
         step = constants.hasher.max_chunk
         if n <= step:   # the hash lives in the blocks the later steps reuse: a smaller working set
@@ -305,11 +383,18 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         else:
             for lo in range(0, n, step):
                 constants.hasher.drop_rows_(taus[:, lo:lo + step], constants.salts, start + lo, params.p)
-    if constants.thr_minus_one is not None:                                       # 3
-        trim_bits_(taus, constants.thr_minus_one, ws.bits(rows, n), constants.abs_bits, constants.shift31)
-    elif thresholds is None and params.k < 1.0:
+    for block in (taus, whole) if whole is not None else (taus,):
+        if constants.thr_minus_one is not None:                                   # 3
+            trim_bits_(block, constants.thr_minus_one, ws.bits(rows, n), constants.abs_bits, constants.shift31)
+        if constants.upper_plus_one is not None:
+            cut_upper_bits_(block, constants.upper_plus_one, ws.bits(rows, n), constants.abs_bits,
+                            constants.shift31)
+    if constants.thr_minus_one is None and thresholds is None and params.k < 1.0:
         for t in range(rows):   # a whole tensor in one chunk: thresholds from the chunk itself
-            trim_(taus[t], trim_threshold(taus[t], params.k))
+            threshold = trim_threshold(taus[t], params.k)
+            trim_(taus[t], threshold)
+            if whole is not None:
+                trim_(whole[t], threshold)
     if constants.weights is not None:                                             # 4
         taus.mul_(constants.weights)
     total = ws.total[:n]
@@ -337,7 +422,12 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
             count.clamp_min_(min(weights))   # where no model agrees the total is 0: 0 / w = 0
             total.div_(count)
         total.mul_(gamma)
-    scale = rescale_factor(params.p, params.lam)                                  # 8
+    if whole is not None:                                                         # 8 (unbiased)
+        torch.mul(whole, gamma, out=whole)
+        whole.clamp_min_(0.0)
+        torch.sign(whole, out=whole)
+        total.mul_(unbiased_factor(_sum_rows(whole, whole[0]), params.p))
+    scale = 1.0 if whole is not None else rescale_factor(params.p, params.lam)   # 8
     if scale != 1.0:
         total.mul_(scale)
     if params.alpha != 1.0:                                                       # 9

@@ -43,11 +43,39 @@ def _as_int32(value: int) -> int:
     return value - _TWO32 if value >= (1 << 31) else value
 
 
-def mask_salt(seed: int, key: str, model_index: int) -> int:
-    """32-bit salt (unsigned) of one (seed, key, model index) triple."""
-    digest = hashlib.blake2b(f"{int(seed)}\0{key}\0{int(model_index)}".encode(),
+# Version of the way a model's masks are named, recorded in each merged file's recipe:
+# 1 = by the model's place in the list (before issue 12), 2 = by its content (sha256) and occurrence.
+MASK_SCHEME = 2
+
+
+def mask_salt(seed: int, key: str, model_id: "int | str") -> int:
+    """32-bit salt (unsigned) of one (seed, key, model) triple.
+
+    ``model_id`` is what names the model's masks: its :func:`model_mask_ids`
+    entry (content hash and occurrence, scheme 2) in a merge; an int (a list
+    position, scheme 1) is still accepted for tests and statistics.
+    """
+    ident = str(int(model_id)) if isinstance(model_id, int) else str(model_id)
+    digest = hashlib.blake2b(f"{int(seed)}\0{key}\0{ident}".encode(),
                              digest_size=4, person=b"dare-mask").digest()
     return int.from_bytes(digest, "little")
+
+
+def model_mask_ids(content_hashes: Sequence[str]) -> list[str]:
+    """Mask identities of the listed models: ``sha256#occurrence``.
+
+    A mask that depended on the model's place in the list changed whenever
+    the list did (the base listed first, a model added, two swapped).  Named by
+    the model's content instead, each model keeps its masks whatever else is
+    listed; the occurrence count gives a file listed twice two masks.
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for digest in content_hashes:
+        count = seen.get(digest, 0)
+        seen[digest] = count + 1
+        out.append(f"{digest}#{count}")
+    return out
 
 
 def reference_hash(salt: int, index: int) -> int:

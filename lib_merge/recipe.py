@@ -13,10 +13,11 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .arch import BLOCK_COUNTS
 from .errors import ParameterError
+from .masks import MASK_SCHEME
 from .methods import MethodSpec, get_method
 
 RECIPE_FORMAT = "sd-webui-dare-merge/1"
@@ -30,9 +31,14 @@ RANGES = {
     "k": (0.0, 1.0, False, True),
     "lam": (0.0, 2.0, True, True),
     "alpha": (-1.0, 2.0, True, True),
+    "epsilon": (0.0, 0.5, True, False),   # and 1 - p - eps > 0, 1 - p + eps <= 1 (della.check_epsilon)
+    "beta": (0.0, 1.0, True, False),
 }
 KNOB_NAMES = {"p": "p (DARE drop rate)", "k": "k (TIES keep fraction)",
-              "lam": "lambda (DARE rescale strength)", "alpha": "alpha"}
+              "lam": "lambda (DARE rescale strength)", "alpha": "alpha",
+              "epsilon": "epsilon (DELLA keep-probability spread)",
+              "beta": "beta (Breadcrumbs: largest fraction dropped)"}
+RESCALES = ("uniform", "unbiased")
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -79,6 +85,27 @@ def _block_labels_for(count: int) -> list[str]:
     return []
 
 
+def check_new_knobs(r: "MergeRecipe", spec: MethodSpec) -> None:
+    """The cross-knob rules of DELLA's epsilon, the unbiased rescale and Model Stock, in one line each."""
+    from .della import check_epsilon
+    if spec.kind == "della":
+        why = check_epsilon(float(r.p), float(r.epsilon if r.epsilon is not None else 0.0))
+        if why:
+            raise ParameterError(why)
+    if r.rescale not in RESCALES:
+        raise ParameterError(f"rescale must be 'uniform' or 'unbiased', got {r.rescale!r}")
+    if r.rescale == "unbiased":
+        if spec.kind == "della":
+            raise ParameterError(f"rescale unbiased: {spec.name} rescales each kept element by its own keep "
+                                 "probability; use rescale uniform")
+        if spec.kind == "delta" and (not spec.elect or r.merge != "mean"):
+            raise ParameterError(f"rescale unbiased applies to the TIES disjoint mean (a sign election with "
+                                 f"merge = mean); {spec.name} with merge = {r.merge} "
+                                 + ("has no election" if not spec.elect else "sums, where (1 - p)^-1 is already "
+                                    "unbiased (lambda = 1)"))
+    if len(r.models) < spec.min_models:
+        raise ParameterError(f"{spec.name} needs at least {spec.min_models} models besides the base; "
+                             f"got {len(r.models)}")
 
 
 def check_range(name: str, value: float) -> None:
@@ -113,6 +140,12 @@ class MergeRecipe:
     vae: str = "base"                        # "base" (copy) or "merge"
     on_mismatch: str = "error"               # shape mismatch: "error" or "skip"
     allow_nonfinite: bool = False
+    epsilon: float | None = None             # DELLA: keep probability spread (None = the method's)
+    beta: float | None = None                # Breadcrumbs: largest fraction of |delta| dropped
+    rescale: str | None = None               # "uniform" (1-p)^-lambda or "unbiased" 1/(1-p^j); None = uniform
+    # Not a knob: the models' mask identities (masks.model_mask_ids), filled in by the engine from the
+    # files' contents when DARE masks are drawn, so worker processes need not hash the files again.
+    mask_ids: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> MethodSpec:
@@ -130,6 +163,9 @@ class MergeRecipe:
             k=self.k if self.k is not None else d.get("k", 1.0),
             alpha=self.alpha if self.alpha is not None else d.get("alpha", 1.0),
             lam=self.lam if self.lam is not None else d.get("lam", 1.0),
+            epsilon=self.epsilon if self.epsilon is not None else d.get("epsilon"),
+            beta=self.beta if self.beta is not None else d.get("beta"),
+            rescale=self.rescale or "uniform",
             vote_sgn=bool(vote),
             weights=list(self.weights) if self.weights else [1.0] * len(self.models),
             merge=self.merge or spec.default_merge,
@@ -146,8 +182,10 @@ class MergeRecipe:
             raise ParameterError("no models to merge: pick at least one model besides the base")
         if not r.base:
             raise ParameterError("no base checkpoint given")
-        for name in ("p", "k", "lam", "alpha"):
-            check_range(name, float(getattr(r, name)))
+        for name in ("p", "k", "lam", "alpha", "epsilon", "beta"):
+            if getattr(r, name) is not None:
+                check_range(name, float(getattr(r, name)))
+        check_new_knobs(r, spec)
         for name in ("alpha_unet", "alpha_te"):
             value = getattr(r, name)
             if value is not None:
@@ -186,32 +224,47 @@ class MergeRecipe:
         for i, path in enumerate(r.models):
             real = os.path.realpath(path)
             if real == base_real:
-                notes.append(f"model {i + 1} ({os.path.basename(path)}) is the base: its delta is zero, so it "
-                             "changes neither the sign election nor the TIES mean"
-                             + (" (it does weigh in the weighted sum)" if spec.kind == "weighted_sum" else ""))
+                effect = spec.zero_delta_counts
+                if spec.kind in ("delta", "della") and not spec.elect:
+                    effect = ("its delta is zero and, without a sign election, it still counts: "
+                              + ("the merged delta shrinks to N/(N + 1) of what it would be (merge = mean)"
+                                 if r.merge == "mean" else "with merge = sum it changes nothing"))
+                elif spec.kind in ("delta", "della"):
+                    effect = "its delta is zero, so it changes neither the sign election nor the TIES mean"
+                    if r.merge == "sum":
+                        effect = "its delta is zero, so it changes neither the sign election nor the sum"
+                notes.append(f"model {i + 1} ({os.path.basename(path)}) is the base: {effect}")
             if real in seen:
                 notes.append(f"model {i + 1} ({os.path.basename(path)}) repeats model {seen[real] + 1}: "
                              "it counts twice (a doubled vote and weight), with its own DARE mask")
             seen.setdefault(real, i)
-        if spec.kind == "delta" and not spec.trim and r.k != 1.0:
+        if spec.kind in ("delta", "della") and not spec.trim and r.k != 1.0:
             notes.append(f"k = {r.k:g} is ignored: {spec.name} does not trim")
-        if spec.kind != "delta":
+        if spec.kind not in ("delta", "della"):
             ignored = [n for n in ("p", "k") if getattr(r, n) != {"p": 0.0, "k": 1.0}[n]]
             if ignored:
                 notes.append(f"{', '.join(ignored)} ignored: {spec.name} uses neither DARE nor TIES")
+        elif "p" not in spec.uses and r.p != 0.0:
+            notes.append(f"p = {r.p:g} is ignored: {spec.name} drops by magnitude, not at random")
+        for knob in ("epsilon", "beta"):
+            if getattr(r, knob) is not None and knob not in spec.uses:
+                notes.append(f"{knob} = {getattr(r, knob):g} is ignored: {spec.name} does not use it")
+        if r.rescale == "unbiased" and "rescale" not in spec.uses:
+            notes.append(f"rescale unbiased is ignored: {spec.name} has no DARE rescale")
         return notes
 
     # -- serialisation
     def params_dict(self) -> dict:
-        """The resolved knobs (no paths), in a stable order."""
+        """The resolved knobs (no paths), in a stable order (epsilon/beta only for methods that have them)."""
         r = self.resolved()
-        out = {f.name: getattr(r, f.name) for f in fields(r) if f.name not in ("base", "models")}
+        out = {f.name: getattr(r, f.name) for f in fields(r) if f.name not in ("base", "models", "mask_ids")
+               and not (f.name in ("epsilon", "beta") and getattr(r, f.name) is None)}
         return out
 
     def to_json_dict(self, inputs: dict | None = None) -> dict:
         """The recipe as stored in a merged file: knobs, input names and hashes."""
         r = self.resolved()
-        doc = {"format": RECIPE_FORMAT, **self.params_dict(),
+        doc = {"format": RECIPE_FORMAT, **self.params_dict(), "mask_scheme": MASK_SCHEME,
                "base": {"file": os.path.basename(r.base), "path": os.path.abspath(r.base)},
                "models": [{"file": os.path.basename(m), "path": os.path.abspath(m)} for m in r.models]}
         if inputs:
@@ -225,7 +278,7 @@ class MergeRecipe:
     def from_json_dict(cls, doc: dict, search_dirs: list[str] | None = None) -> "MergeRecipe":
         """Rebuild a recipe from stored JSON; inputs are looked up by path, then by name in search_dirs."""
         check_recipe_doc(doc)
-        known = {f.name for f in fields(cls)} - {"base", "models"}
+        known = {f.name for f in fields(cls)} - {"base", "models", "mask_ids"}
         kwargs = {k: v for k, v in doc.items() if k in known}
         return cls(base=locate_input(doc["base"], search_dirs),
                    models=[locate_input(m, search_dirs) for m in doc["models"]], **kwargs)
@@ -258,6 +311,7 @@ _FIELD_TYPES: dict[str, tuple] = {
     "merge": (str, None), "alpha_unet": (*_NUMBER, None), "alpha_te": (*_NUMBER, None),
     "block_alpha": (str, None), "block_p": (str, None), "block_k": (str, None), "vae": (str,),
     "on_mismatch": (str,), "allow_nonfinite": (bool,), "output_dtype": (str,),
+    "epsilon": (*_NUMBER, None), "beta": (*_NUMBER, None), "rescale": (str, None), "mask_scheme": (int,),
 }
 _TYPE_WORDS = {str: "a text", int: "an integer", float: "a number", bool: "true/false", list: "a list",
                None: "null"}
@@ -343,6 +397,19 @@ class StoredRecipe:
     recipe: MergeRecipe
     output_dtype: str | None
     inputs: list[StoredInput]
+    mask_scheme: int = MASK_SCHEME   # 1: merged before masks followed the models' contents
+
+    def mask_scheme_note(self) -> str | None:
+        """What a re-run of a file merged with older masks will do, or None when it reproduces the file."""
+        if self.mask_scheme == MASK_SCHEME:
+            return None
+        r = self.recipe.resolved()
+        random = (r.p or 0.0) > 0.0 or bool(r.block_p) or r.spec.kind == "della"
+        if not random:
+            return None
+        return (f"this file was merged with DARE mask scheme {self.mask_scheme} (masks by each model's place in "
+                f"the list); this version draws them by each model's content (scheme {MASK_SCHEME}), so the "
+                "re-run will differ from the file in the dropped elements (statistically the same merge)")
 
 
 def _doc_from_metadata(metadata: dict[str, str]) -> object:
@@ -373,7 +440,8 @@ def stored_recipe_from_metadata(metadata: dict[str, str], search_dirs: list[str]
     inputs = [StoredInput(role, path, (entry.get("sha256") or "").lower() or None,
                           (entry.get("hash") or "").lower() or None)
               for (role, entry), path in zip(entries, paths)]
-    return StoredRecipe(recipe, doc.get("output_dtype"), inputs)
+    scheme = doc.get("mask_scheme", 1)
+    return StoredRecipe(recipe, doc.get("output_dtype"), inputs, scheme)
 
 
 def _shown(field: str, value: object) -> str:

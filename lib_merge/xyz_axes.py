@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ParameterError
 from .methods import METHODS, get_method
-from .recipe import MergeRecipe, check_range
+from .recipe import RESCALES, MergeRecipe, check_range
 
 LABEL_PREFIX = "[DARE] "
 MAX_VALUES = 1000  # a typo like "0-1 (+0.0001)" should fail fast, not build a 10001-cell grid
@@ -56,7 +56,7 @@ class AxisSpec:
 
     label: str            # shown in the axis dropdown and the grid legend
     field: str            # MergeRecipe field the value overrides
-    kind: str             # "float", "int", "bool" or "method"
+    kind: str             # "float", "int", "bool", "method" or "rescale"
     cost: float           # xyz_grid loops the highest-cost axis outermost
     knob: str | None = None  # recipe.RANGES entry that bounds the value
 
@@ -67,6 +67,8 @@ class AxisSpec:
             return list(METHODS)
         if self.kind == "bool":
             return ["False", "True"]
+        if self.kind == "rescale":
+            return list(RESCALES)
         return None
 
     def parse(self, text: str) -> list[Any]:
@@ -96,6 +98,9 @@ AXES: tuple[AxisSpec, ...] = (
     AxisSpec(LABEL_PREFIX + "method", "method", "method", 1.9),
     AxisSpec(LABEL_PREFIX + "alpha UNet", "alpha_unet", "float", 1.4, "alpha"),
     AxisSpec(LABEL_PREFIX + "alpha TE", "alpha_te", "float", 1.35, "alpha"),
+    AxisSpec(LABEL_PREFIX + "epsilon", "epsilon", "float", 1.75, "epsilon"),
+    AxisSpec(LABEL_PREFIX + "beta", "beta", "float", 1.65, "beta"),
+    AxisSpec(LABEL_PREFIX + "rescale", "rescale", "rescale", 1.58),
 )
 AXES_BY_LABEL: dict[str, AxisSpec] = {a.label: a for a in AXES}
 AXES_BY_FIELD: dict[str, AxisSpec] = {a.field: a for a in AXES}
@@ -241,6 +246,11 @@ def coerce_value(value: Any, kind: str, label: str = "value") -> Any:
         if text in _FALSE:
             return False
         raise ValueError(f'{label}: "{value}" is not True or False')
+    if kind == "rescale":
+        text = str(value).strip().lower()
+        if text not in RESCALES:
+            raise ValueError(f'{label}: "{value}" is not one of {", ".join(RESCALES)}')
+        return text
     if kind == "method":
         try:
             return get_method(str(value)).name
@@ -299,7 +309,7 @@ INFOTEXT_KEYS: dict[str, str] = {
     "vote_sgn": "DARE vote_sgn", "seed": "DARE seed", "alpha_unet": "DARE alpha UNet",
     "alpha_te": "DARE alpha TE", "merge": "DARE merge", "weights": "DARE weights",
     "block_alpha": "DARE block alpha", "block_p": "DARE block p", "block_k": "DARE block k",
-    "vae": "DARE VAE",
+    "vae": "DARE VAE", "epsilon": "DARE epsilon", "beta": "DARE beta", "rescale": "DARE rescale",
 }
 INFOTEXT_BASE = "DARE base"
 INFOTEXT_MODELS = "DARE models"
@@ -328,9 +338,11 @@ def recipe_infotext(recipe: MergeRecipe, recipe_hash: str | None = None) -> dict
         out[INFOTEXT_KEYS[field]] = format_number(getattr(r, field))
     out[INFOTEXT_KEYS["vote_sgn"]] = str(bool(r.vote_sgn))
     out[INFOTEXT_KEYS["seed"]] = str(r.seed)
-    for field in ("alpha_unet", "alpha_te"):
+    for field in ("alpha_unet", "alpha_te", "epsilon", "beta"):
         if getattr(r, field) is not None:
             out[INFOTEXT_KEYS[field]] = format_number(getattr(r, field))
+    if r.rescale != "uniform":
+        out[INFOTEXT_KEYS["rescale"]] = r.rescale
     if r.merge != spec.default_merge:
         out[INFOTEXT_KEYS["merge"]] = r.merge
     if any(w != 1.0 for w in r.weights):

@@ -12,7 +12,8 @@ from lib_merge import (ArchitectureError, CancelToken, MergeCancelled, MergeReci
 from lib_merge import kernels
 from lib_merge.arch import component_of
 from lib_merge.kernels import DeltaParams, DropMask
-from lib_merge.masks import MaskHasher, mask_salt
+from lib_merge.hashing import sha256_file
+from lib_merge.masks import MaskHasher, mask_salt, model_mask_ids
 
 UNET_KEY = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
 TE_KEY = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
@@ -49,7 +50,8 @@ def test_chunked_equals_whole_equals_streamed(sd1_set, method, extra):
             whole = kernels.weighted_sum(base[key].reshape(-1), thetas, res.weights, res.alpha)
         else:
             hasher = MaskHasher("cpu")
-            masks = [DropMask(hasher, mask_salt(res.seed, key, t)) for t in range(3)]
+            ids = model_mask_ids([sha256_file(m) for m in sd1_set["models"]])   # masks follow the content
+            masks = [DropMask(hasher, mask_salt(res.seed, key, ident)) for ident in ids]
             params = DeltaParams(res.p, res.k if spec.trim else 1.0, res.vote_sgn, res.lam, res.alpha,
                                  res.merge, spec.elect)
             whole = kernels.delta_merge(base[key].reshape(-1), thetas, res.weights, params, masks)

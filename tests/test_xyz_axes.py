@@ -21,7 +21,8 @@ SEED = AXES_BY_LABEL["[DARE] seed"]
 
 def test_labels_fields_and_kinds():
     assert [a.label for a in AXES] == ["[DARE] p", "[DARE] k", "[DARE] alpha", "[DARE] lambda", "[DARE] vote_sgn",
-                                       "[DARE] seed", "[DARE] method", "[DARE] alpha UNet", "[DARE] alpha TE"]
+                                       "[DARE] seed", "[DARE] method", "[DARE] alpha UNet", "[DARE] alpha TE",
+                                       "[DARE] epsilon", "[DARE] beta", "[DARE] rescale"]
     fields = {f for f in MergeRecipe.__dataclass_fields__}
     for axis in AXES:
         assert axis.field in fields, axis
@@ -139,7 +140,8 @@ def test_bool_and_method_values():
         coerce_value("magic", "method")
     # idempotent: xyz_grid applies ``type`` again to values ``prepare`` already parsed
     for axis in AXES:
-        values = {"float": [0.3], "int": [7], "bool": [True], "method": ["ties"]}[axis.kind]
+        values = {"float": [0.3], "int": [7], "bool": [True], "method": ["ties"],
+                  "rescale": ["unbiased"]}[axis.kind]
         assert [axis.coerce(v) for v in values] == values
 
 

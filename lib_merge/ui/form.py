@@ -15,7 +15,8 @@ from ..methods import METHODS
 from ..recipe import MergeRecipe
 
 # Preset dropdown order (the issue's list); labels are the registry's titles.
-PRESET_ORDER = ("ties", "ties_soup", "dare_ties", "dare_ties_soup", "add_difference", "weighted_sum", "slerp")
+PRESET_ORDER = ("ties", "ties_soup", "dare_ties", "dare_ties_soup", "add_difference", "weighted_sum", "slerp",
+                "della", "della_linear", "breadcrumbs", "breadcrumbs_ties", "model_stock", "geometric_median")
 PRESET_TITLES = {name: METHODS[name].title for name in PRESET_ORDER}
 TITLE_TO_METHOD = {title: name for name, title in PRESET_TITLES.items()}
 DEFAULT_METHOD = "dare_ties_soup"
@@ -27,7 +28,10 @@ KNOB_FALLBACK = {"p": 0.0, "k": 1.0, "alpha": 1.0, "lam": 1.0, "vote_sgn": False
 # (lowest, highest) a slider offers: the recipe's ranges (recipe.RANGES), with an open end made the
 # nearest value the slider's 0.01 step can reach (p < 1 -> 0.99, k > 0 -> 0.01).
 SLIDER_RANGES = {"p": (0.0, 0.99), "k": (0.01, 1.0), "alpha": (-1.0, 2.0), "lam": (0.0, 2.0),
-                 "alpha_unet": (-1.0, 2.0), "alpha_te": (-1.0, 2.0)}
+                 "alpha_unet": (-1.0, 2.0), "alpha_te": (-1.0, 2.0), "epsilon": (0.0, 0.49), "beta": (0.0, 0.99)}
+# The knobs only some methods have (issue 12): shown greyed out unless the method uses them.
+EXTRA_FALLBACK = {"epsilon": 0.1, "beta": 0.01, "rescale": "uniform"}
+RESCALE_MODES = ("uniform", "unbiased")
 
 
 def clamp_knob(knob: str, value: object) -> float | None:
@@ -68,6 +72,12 @@ def preset_values(method: str) -> dict[str, float | bool]:
     if spec.forced_vote_sgn is not None:
         values["vote_sgn"] = spec.forced_vote_sgn
     return values
+
+
+def extra_preset_values(method: str) -> dict[str, float | str]:
+    """The values a preset gives DELLA's epsilon, Breadcrumbs' beta and the rescale control."""
+    spec = METHODS[method_name(method)]
+    return {knob: spec.defaults.get(knob, fallback) for knob, fallback in EXTRA_FALLBACK.items()}
 
 
 def knob_is_live(method: str, knob: str) -> bool:
@@ -123,6 +133,9 @@ class FormValues:
     merge_mode: str
     vae: str
     skip_mismatched: bool
+    epsilon: float = 0.1
+    beta: float = 0.01
+    rescale: str = "uniform"
 
     def recipe(self, resolve: Callable[[str], str]) -> MergeRecipe:
         """The recipe these values describe; checkpoint titles become paths via ``resolve``."""
@@ -140,7 +153,11 @@ class FormValues:
             alpha_te=float(self.alpha_te) if self.split_alpha else None,
             block_alpha=(self.block_weights or "").strip() or None,
             block_p=(self.block_p or "").strip() or None, block_k=(self.block_k or "").strip() or None,
-            vae=self.vae or "base", on_mismatch="skip" if self.skip_mismatched else "error")
+            vae=self.vae or "base", on_mismatch="skip" if self.skip_mismatched else "error",
+            # a knob the method does not use stays unset, so it is neither stored nor reported as ignored
+            epsilon=float(self.epsilon) if knob_is_live(self.method, "epsilon") else None,
+            beta=float(self.beta) if knob_is_live(self.method, "beta") else None,
+            rescale=(self.rescale or "uniform") if knob_is_live(self.method, "rescale") else None)
 
 
 FORM_FIELDS = tuple(FormValues.__dataclass_fields__)

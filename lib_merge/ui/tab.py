@@ -15,8 +15,9 @@ from typing import Any, Callable, Iterator
 
 from . import compat
 from .compat import gr
-from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESET_TITLES, SLIDER_RANGES, FormValues,
-                   clamp_knob, knob_is_live, method_name, preset_values)
+from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESET_TITLES, RESCALE_MODES,
+                   SLIDER_RANGES, FormValues, clamp_knob, extra_preset_values, knob_is_live, method_name,
+                   preset_values)
 from .host import TabHost
 from .selftest_panel import build_selftest
 from .texts import error_text, inspect_text, merged_text, progress_text
@@ -130,6 +131,17 @@ def build_tab(host: TabHost) -> gr.Blocks:
                                       elem_id="dare_merge_alpha", **slider)
                     lam = gr.Slider(*SLIDER_RANGES["lam"], value=default["lam"], label="λ (DARE rescale)",
                                     elem_id="dare_merge_lambda", **slider)
+                extra = extra_preset_values(DEFAULT_METHOD)
+                with gr.Row(equal_height=True):
+                    epsilon = gr.Slider(*SLIDER_RANGES["epsilon"], value=extra["epsilon"],
+                                        label="ε (DELLA keep-probability spread)", elem_id="dare_merge_epsilon",
+                                        step=0.01, interactive=knob_is_live(DEFAULT_METHOD, "epsilon"))
+                    beta = gr.Slider(*SLIDER_RANGES["beta"], value=extra["beta"],
+                                     label="β (Breadcrumbs: largest fraction dropped)", elem_id="dare_merge_beta",
+                                     step=0.01, interactive=knob_is_live(DEFAULT_METHOD, "beta"))
+                    rescale = gr.Radio(list(RESCALE_MODES), value=extra["rescale"], label="Rescale",
+                                       elem_id="dare_merge_rescale",
+                                       interactive=knob_is_live(DEFAULT_METHOD, "rescale"))
                 with gr.Row(equal_height=True):
                     vote_sgn = gr.Checkbox(value=bool(default["vote_sgn"]), label="vote_sgn (count signs)",
                                            elem_id="dare_merge_vote_sgn",
@@ -205,7 +217,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                     vote_sgn=vote_sgn, seed=seed, split_alpha=split_alpha, alpha_unet=alpha_unet,
                     alpha_te=alpha_te, block_weights=block_weights, block_p=block_p, block_k=block_k,
                     merge_mode=merge_mode, vae=vae,
-                    skip_mismatched=skip_mismatched)
+                    skip_mismatched=skip_mismatched, epsilon=epsilon, beta=beta, rescale=rescale)
         form_inputs = [form[name] for name in FORM_FIELDS]
         lists = [base, models, inspect_file]
 
@@ -223,11 +235,14 @@ def build_tab(host: TabHost) -> gr.Blocks:
         def apply_preset(title):
             name = method_name(title)
             values = preset_values(name)
-            knobs = [(p, "p"), (k, "k"), (alpha, "alpha"), (lam, "lam"), (vote_sgn, "vote_sgn")]
+            values.update(extra_preset_values(name))
+            knobs = [(p, "p"), (k, "k"), (alpha, "alpha"), (lam, "lam"), (vote_sgn, "vote_sgn"),
+                     (epsilon, "epsilon"), (beta, "beta"), (rescale, "rescale")]
             return [compat.update(value=values[knob], interactive=knob_is_live(name, knob)) for _, knob in knobs] \
                 + [compat.update(value=METHODS[name].help)]
 
-        method.change(apply_preset, inputs=[method], outputs=[p, k, alpha, lam, vote_sgn, method_help], queue=False)
+        method.change(apply_preset, inputs=[method],
+                      outputs=[p, k, alpha, lam, vote_sgn, epsilon, beta, rescale, method_help], queue=False)
 
         # a value typed past a slider's end is answered with the end value at once: the box then shows
         # what the merge uses (the page clamps it too, but only when the box loses focus)
@@ -238,7 +253,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
             return clamp
 
         for knob, control in (("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
-                              ("alpha_te", alpha_te)):
+                              ("alpha_te", alpha_te), ("epsilon", epsilon), ("beta", beta)):
             control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
 
         split_alpha.change(lambda on: (compat.update(interactive=bool(on)), compat.update(interactive=bool(on))),

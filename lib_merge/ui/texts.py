@@ -56,6 +56,12 @@ def used_text(recipe) -> str:
     if r.alpha_unet is not None or r.alpha_te is not None:
         parts.insert(3, f"alpha UNet {r.alpha_unet if r.alpha_unet is not None else r.alpha:g} / "
                         f"text encoder {r.alpha_te if r.alpha_te is not None else r.alpha:g}")
+    if r.epsilon is not None and "epsilon" in r.spec.uses:
+        parts.insert(1, f"ε {r.epsilon:g}")
+    if r.beta is not None and "beta" in r.spec.uses:
+        parts.insert(2, f"β {r.beta:g}")
+    if r.rescale == "unbiased":
+        parts.append("rescale unbiased")
     if r.block_alpha or r.block_p or r.block_k:
         parts.append("block values set")
     return "used: " + ", ".join(parts)

@@ -14,9 +14,14 @@ pydantic models: A1111 ships pydantic 1, Forge pydantic 2).
      "seed": 42, "weights": [1, 1], "merge": "mean", "alpha_unet": null, "alpha_te": null,
      "block_alpha": null, "block_p": null, "block_k": null, "vae": "base",
      "on_mismatch": "error", "allow_nonfinite": false,
+     "epsilon": null, "beta": null, "rescale": "uniform",
      "hot_load": true, "dtype": "auto", "device": "auto",
      "save": false, "save_name": "my-merge", "save_dtype": "fp16", "overwrite": false,
      "task_id": null}
+
+``epsilon`` (della, della_linear: keep probabilities 1-p-eps .. 1-p+eps by |delta| rank), ``beta``
+(breadcrumbs, breadcrumbs_ties: largest fraction of |delta| dropped) and ``rescale`` ("uniform" or
+"unbiased": 1/(1-p^j) for the TIES mean) are null/absent for the method's preset.
 
 ``task_id`` (optional, any string): the WebUI's ``/internal/progress`` then
 reports the merge under that id, as it does for txt2img tasks.
@@ -38,7 +43,8 @@ from . import host
 
 PREFIX = "/dare-merge/v1"
 RECIPE_FIELDS = ("method", "p", "k", "alpha", "lam", "vote_sgn", "seed", "weights", "merge", "alpha_unet",
-                 "alpha_te", "block_alpha", "block_p", "block_k", "vae", "on_mismatch", "allow_nonfinite")
+                 "alpha_te", "block_alpha", "block_p", "block_k", "vae", "on_mismatch", "allow_nonfinite",
+                 "epsilon", "beta", "rescale")
 OPTION_FIELDS = ("base", "models", "hot_load", "dtype", "device", "save", "save_name", "save_dtype", "overwrite",
                  "task_id", "save_lora", "lora_rank", "lora_conv_rank")
 

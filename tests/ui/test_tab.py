@@ -25,7 +25,7 @@ def _form(**over) -> FormValues:
     values = dict(base="base.safetensors", models=["a.safetensors", "sub/b.safetensors"], weights="", method="TIES",
                   p=0.1, k=0.2, alpha=0.9, lam=1.0, vote_sgn=False, seed=7.0, split_alpha=False, alpha_unet=0.3,
                   alpha_te=0.4, block_weights="", block_p="", block_k="", merge_mode="method default", vae="base",
-                  skip_mismatched=False)
+                  skip_mismatched=False, epsilon=0.1, beta=0.01, rescale="uniform")
     values.update(over)
     return FormValues(*(values[f] for f in FORM_FIELDS))
 
