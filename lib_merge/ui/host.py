@@ -49,6 +49,10 @@ class TabHost(Protocol):
         """Device the device dropdown starts at ("cpu" or "cuda")."""
         return default_device()
 
+    def lora_folder(self) -> str:
+        """Where "Save as LoRA" writes: the checkpoint folder standalone, a WebUI's Lora folder inside one."""
+        return self.session.models_dir
+
     def default_precision(self) -> str:
         """Working precision the tab starts at (fp16, bf16, fp32)."""
         return "fp16"

@@ -202,6 +202,10 @@ def build_tab(host: TabHost) -> gr.Blocks:
                                                  elem_id="dare_merge_save_dtype")
                         save_overwrite = gr.Checkbox(value=False, label="Overwrite", elem_id="dare_merge_save_overwrite")
                     save = gr.Button("Save", elem_id="dare_merge_save")
+                    with gr.Row(equal_height=True):
+                        lora_rank = gr.Number(value=32, precision=0, label="LoRA rank",
+                                              elem_id="dare_merge_lora_rank")
+                        save_lora = gr.Button("Save as LoRA", elem_id="dare_merge_save_lora")
                 with gr.Accordion("Inspect a checkpoint", open=False, visible=host.show_inspect,
                                   elem_id="dare_merge_inspect"):
                     with gr.Row():
@@ -361,6 +365,44 @@ def build_tab(host: TabHost) -> gr.Blocks:
         save.click(on_save,
                    inputs=[*form_inputs, device, precision, save_name, save_dtype, save_overwrite, *lists],
                    outputs=[status, *lists])
+
+        # -- save as LoRA (issue 11): the merged delta by truncated SVD, into the host's Lora folder
+        def on_save_lora(*values):
+            *form_v, device_v, name_v, rank_v, overwrite_v, base_v, models_v, inspect_v = values
+            keep = (compat.update(), compat.update(), compat.update())
+            session = host.session
+            try:
+                folder = host.lora_folder()
+                filename = check_save_name(name_v or "", folder)
+                target = os.path.join(folder, filename)
+                if os.path.exists(target) and not overwrite_v:
+                    raise OutputError("exists already; tick 'Overwrite' or choose another name", target)
+                rank = int(rank_v or 0)
+                if rank < 1:
+                    raise MergeError(f"LoRA rank must be at least 1, got {rank_v}")
+                recipe = FormValues(*form_v).recipe(host.resolve)
+                _check_device(device_v)
+                recipe.validate()
+            except Exception as exc:
+                yield (error_text(exc), *keep)
+                return
+            yield ("writing the merge as a LoRA (merging in float32, then one SVD per layer)...", *keep)
+            from ..lora.extract import merge_to_lora
+            try:
+                _, extract = host.run_exclusive(lambda: merge_to_lora(
+                    recipe, target, rank, device=device_v, overwrite=bool(overwrite_v), lora_dtype="fp16",
+                    protected_paths=session.protected_files()))
+                host.refresh()
+            except Exception as exc:
+                yield (error_text(exc), *keep)
+                return
+            choices = host.list_checkpoints()
+            yield ("\n".join(extract.lines()), compat.dropdown_update(choices, base_v),
+                   compat.dropdown_update(choices, models_v, True), compat.dropdown_update(choices, inspect_v))
+
+        save_lora.click(on_save_lora,
+                        inputs=[*form_inputs, device, save_name, lora_rank, save_overwrite, *lists],
+                        outputs=[status, *lists])
 
         # -- inspect
         def on_inspect(title):

@@ -485,6 +485,11 @@ class WebUIHost(TabHost):
         refresh_checkpoints()
         refresh_loras()
 
+    def lora_folder(self) -> str:
+        folder = lora_dir()
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
     def default_device(self) -> str:
         return merge_device()     # "cuda:1" stays "cuda:1" (the tab lists it beside cpu and cuda)
 
