@@ -225,11 +225,19 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         for key in ("sd_merge_recipe", "sd_merge_models"):
             if key in ckpt.metadata:
                 summary.setdefault("a1111_metadata", {})[key] = json.loads(ckpt.metadata[key])
+        from .lora.formats import looks_like_lora, lora_summary
+        if looks_like_lora(ckpt):
+            summary["lora"] = lora_summary(ckpt)
+            if "dare_merge_lora" in ckpt.metadata:
+                summary["lora"]["written_by_dare_merge"] = json.loads(ckpt.metadata["dare_merge_lora"])
     if a.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{summary['file']}: {summary['architecture']}, {summary['keys']} keys, "
           f"{summary['size_bytes'] / 1e9:.2f} GB")
+    lora = summary.get("lora")
+    if lora:
+        print(_lora_line(lora))
     for name, comp in summary["components"].items():
         dtypes = ", ".join(f"{d} x{c}" for d, c in comp["dtypes"].items())
         print(f"  {name:6s} {comp['keys']:5d} keys {comp['params'] / 1e6:9.1f} M params  {dtypes}")
@@ -243,6 +251,22 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     else:
         print("  no merge recipe stored")
     return 0
+
+
+def _lora_line(lora: dict) -> str:
+    if "error" in lora:
+        return f"  LoRA that cannot be merged: {lora['error']}"
+    kinds = ", ".join(f"{k} {n}" for k, n in lora["types"].items())
+    parts = ", ".join(f"{k} {n}" for k, n in lora["parts"].items())
+    ranks = lora["ranks"] and (f"rank {lora['ranks'][0]}" if lora["ranks"][0] == lora["ranks"][1]
+                               else f"ranks {lora['ranks'][0]}..{lora['ranks'][1]}")
+    made = {"sdxl": "SDXL", "sd1": "SD1.x", "sd2": "SD2.x", "sd1/sd2": "SD1/SD2"}.get(lora["made_for"], "unknown")
+    line = f"  LoRA: {lora['modules']} modules ({kinds}; {parts}), {ranks}, made for {made}"
+    written = lora.get("written_by_dare_merge")
+    if written:
+        worst = written.get("worst", {})
+        line += f"; written from a merge, worst retained energy {worst.get('energy')} ({worst.get('module')})"
+    return line
 
 
 SYNTH_BAR_BYTES = 256 << 20   # files at least this big get a progress bar (a full-size SD1 file is 2.1 GB)

@@ -179,6 +179,10 @@ def test_cli_out_lora_without_out(sd1_set, lora_in, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "wrote LoRA" in run.stdout and "worst" in run.stdout
     assert os.path.exists(out_lora) and len(os.listdir(tmp_path)) == 1
+    run = subprocess.run([sys.executable, "-m", "lib_merge", "inspect", out_lora], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0 and "LoRA: " in run.stdout and "rank 4" in run.stdout, run.stdout
+    assert "made for SD1.x" in run.stdout and "worst retained energy" in run.stdout, run.stdout
     run = subprocess.run([sys.executable, "-m", "lib_merge", "merge", "--base", sd1_set["base"], "--models",
                           lora_in, "--device", "cpu"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "--out-lora" in run.stderr and "Traceback" not in run.stderr

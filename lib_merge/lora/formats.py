@@ -174,3 +174,31 @@ def lora_arch_hint(modules: list[Module], metadata: dict[str, str]) -> str | Non
         if re.search(r"transformer_blocks_[1-9]_", m.name):
             return "sdxl"
     return None
+
+
+def lora_summary(ckpt: Checkpoint) -> dict:
+    """What ``inspect`` shows for a LoRA: module counts by type and part, ranks, the model it was made for.
+
+    Unsupported files are summarised too (with ``error``), so inspect can say why a merge would refuse them.
+    """
+    out: dict = {"modules": 0}
+    try:
+        modules = parse_modules(ckpt)
+    except CheckpointError as exc:
+        out["error"] = str(exc)
+        return out
+    ranks = []
+    kinds: dict[str, int] = {}
+    families: dict[str, int] = {}
+    for m in modules:
+        kinds[m.kind] = kinds.get(m.kind, 0) + 1
+        families[m.family] = families.get(m.family, 0) + 1
+        rank_part = {"lora": "down", "loha": "w1b", "lokr": "w1b"}.get(m.kind)
+        if rank_part in m.parts:
+            ranks.append(ckpt.info(m.parts[rank_part]).shape[0])
+    out.update(modules=len(modules), types=kinds, parts=families,
+               ranks=[min(ranks), max(ranks)] if ranks else None,
+               made_for=lora_arch_hint(modules, ckpt.metadata),
+               dora=sum("dora_scale" in m.parts for m in modules),
+               peft=any(m.raw.startswith(("unet.", "text_encoder")) for m in modules))
+    return out
