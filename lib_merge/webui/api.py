@@ -26,6 +26,12 @@ pydantic models: A1111 ships pydantic 1, Forge pydantic 2).
 ``task_id`` (optional, any string): the WebUI's ``/internal/progress`` then
 reports the merge under that id, as it does for txt2img tasks.
 
+LoRAs: ``base``/``models`` take "LoRA: name.safetensors" (a file of the WebUI's Lora folder) beside
+checkpoint names; a LoRA's weight is its strength.  ``save_lora`` (a file name) writes the merge minus
+the base as a kohya LoRA into the Lora folder, at ``lora_rank`` (default 32; ``lora_conv_rank`` for 3x3
+convs, default the same); the answer's ``saved_lora`` gives its path, title, modules and worst
+retained energy.
+
 The merge waits for the WebUI's queue lock (so never runs during a
 generation), merges are serialised, and errors come back as
 ``{"error": "<one line naming the file/key>", "type": "<ErrorClass>"}`` with
