@@ -1,0 +1,55 @@
+"""Issue 11 in a real WebUI: a LoRA from the Lora folder merged by the HTTP API, the merge saved as a LoRA
+(save_lora), and that LoRA loaded unchanged by the WebUI's own Lora support.
+
+The merge is the base plus the test LoRA dm_lora (rank 4, written by the fixture): its delta has rank 4,
+so a LoRA of rank 8 holds all of it (retained energy 1 up to the fp16 save).  Then:
+
+1. ``<lora:dm_roundtrip:1>`` on the base checkpoint (the WebUI applies the LoRA itself), and
+2. the same merge hot-loaded as a checkpoint (no LoRA in the prompt)
+
+give the same image up to the fp16 rounding of the saved factors: both hosts run here on the CPU in
+float32 (``--no-half`` / ``--all-in-fp32``), where W + up @ down is computed in float32, so the only
+difference between the two weight sets is the factors' fp16 rounding (relative 2**-11 of a delta that is
+itself small against W); over 2 Euler steps at 64x64 that is at most a few levels of 255 per pixel.
+The tolerance asserted is max |difference| <= 3 levels and mean <= 0.25, while the LoRA's own effect
+(image with it vs without) is required to be larger than that.
+"""
+from __future__ import annotations
+
+import os
+
+STATE: dict = {}
+RECIPE = {"base": "dm_base", "models": ["LoRA: dm_lora.safetensors"], "method": "add_difference", "p": 0.0,
+          "alpha": 1.0, "weights": [1.0]}
+
+
+def _diff(a: bytes, b: bytes) -> tuple[int, float]:
+    assert len(a) == len(b)
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return max(d), sum(d) / len(d)
+
+
+def test_lora_is_merged_and_saved_as_a_lora(webui):
+    STATE["base_pixels"], _ = webui.txt2img(seed=3)
+    answer = webui.ok("POST", "/dare-merge/v1/merge",
+                      dict(RECIPE, hot_load=False, save_lora="dm_roundtrip", lora_rank=8))
+    saved = answer["saved_lora"]
+    assert saved and os.path.isfile(saved["path"]) and saved["title"] == "LoRA: dm_roundtrip.safetensors", answer
+    assert saved["worst_energy"] > 0.999, saved
+    webui.request("POST", "/sdapi/v1/refresh-loras")        # the save refreshed it already; harmless twice
+    status, loras = webui.request("GET", "/sdapi/v1/loras")
+    if status == 200:
+        assert any(item.get("name") == "dm_roundtrip" for item in loras), loras
+
+
+def test_the_webui_applies_the_saved_lora_like_the_hot_loaded_merge(webui):
+    with_lora, infotext = webui.txt2img(seed=3, prompt="a photo of a cat <lora:dm_roundtrip:1>")
+    assert "dm_roundtrip" in infotext, infotext                        # the WebUI loaded and used it
+    answer = webui.ok("POST", "/dare-merge/v1/merge", dict(RECIPE, hot_load=True))
+    assert answer["hot_loaded"], answer
+    merged, _ = webui.txt2img(seed=3)
+    effect = _diff(with_lora, STATE["base_pixels"])
+    gap = _diff(with_lora, merged)
+    assert effect[0] > 3, f"the LoRA changed the image too little to tell: {effect}"
+    assert gap[0] <= 3 and gap[1] <= 0.25, f"LoRA on the base vs hot-loaded merge: max/mean {gap}, effect {effect}"
+    webui.ok("POST", "/dare-merge/v1/restore")
