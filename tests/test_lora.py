@@ -355,3 +355,17 @@ def test_lora_through_the_xyz_input_cache(sd1_set, tmp_path):
             plan.close()
         for key in direct:
             assert torch.equal(direct[key], cached[key]), key
+
+
+def test_sd1_te1_prefix_and_peft_text_encoder_names(sd1_set, tmp_path):
+    """diffusers' convert_state_dict_to_kohya writes lora_te1_ even for SD1; PEFT writes text_encoder.…"""
+    base = load_file(sd1_set["base"])
+    te = "cond_stage_model.transformer.text_model.encoder.layers."
+    mods = [{"name": "lora_te1_text_model_encoder_layers_2_self_attn_k_proj", "key": te + "2.self_attn.k_proj.weight"},
+            {"name": "text_encoder.text_model.encoder.layers.4.mlp.fc2", "key": te + "4.mlp.fc2.weight", "peft": True,
+             "alpha": None},
+            {"name": "unet.up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_out.0", "peft": True, "alpha": None,
+             "key": U + "output_blocks.7.1.transformer_blocks.0.attn2.to_out.0.weight"}]
+    path = str(tmp_path / "te1.safetensors")
+    expected = write_lora(path, base, mods, seed=11)
+    _check(_merge_add(sd1_set["base"], [path], [1.0]), base, expected, 1.0)
