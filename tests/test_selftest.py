@@ -23,7 +23,8 @@ def _by_name(report: dict) -> dict[str, dict]:
 def cpu_report(tmp_path_factory):
     steps = []
     report = selftest.run_selftest("cpu", "sd1", progress=lambda *a: steps.append(a), scale_down=32,
-                                   workdir=str(tmp_path_factory.mktemp("selftest")), trim_shapes=SMALL_TRIM)
+                                   workdir=str(tmp_path_factory.mktemp("selftest")), trim_shapes=SMALL_TRIM,
+                                   quick=True)
     return report, steps
 
 
@@ -75,7 +76,8 @@ def test_a_broken_kernel_fails_the_identity_check(tmp_path, monkeypatch):
     monkeypatch.setattr(select, "kth_smallest_pattern", lambda bits, kk: real_select(bits, kk) + 1)
     monkeypatch.setattr(selftest._SelfTest, "check_timings", lambda self: (selftest.PASS, "not timed here", {}))
     monkeypatch.setattr(selftest, "CHECK_METHODS", ("weighted_sum", "ties", "dare_ties"))
-    report = selftest.run_selftest("cpu", "sd1", scale_down=32, workdir=str(tmp_path), trim_shapes=SMALL_TRIM)
+    report = selftest.run_selftest("cpu", "sd1", scale_down=32, workdir=str(tmp_path), trim_shapes=SMALL_TRIM,
+                                   quick=True)
     checks = _by_name(report)
     assert not report["ok"]
     failed = checks["cpu chunks = cpu whole keys: dare_ties"]
@@ -92,7 +94,8 @@ def test_a_crashing_check_is_one_fail_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(selftest._SelfTest, "check_locations", boom)
     monkeypatch.setattr(selftest, "CHECK_METHODS", ("weighted_sum",))
-    report = selftest.run_selftest("cpu", "sd1", scale_down=32, workdir=str(tmp_path), trim_shapes=SMALL_TRIM)
+    report = selftest.run_selftest("cpu", "sd1", scale_down=32, workdir=str(tmp_path), trim_shapes=SMALL_TRIM,
+                                   quick=True)
     check = _by_name(report)["merged tensors end on the CPU"]
     assert check["status"] == "FAIL" and check["detail"] == "RuntimeError: kernel exploded"
 
@@ -103,12 +106,14 @@ def test_cli_selftest(tmp_path, monkeypatch, capsys):
     for slow in ("check_locations", "check_timings"):   # run in test_cpu_report; here the CLI is under test
         monkeypatch.setattr(selftest._SelfTest, slow, lambda self: (selftest.PASS, "stubbed", {}))
     out = tmp_path / "report.json"
-    assert main(["selftest", "--device", "cpu", "--arch", "sdxl", "--scale-down", "32", "--json", str(out)]) == 0
+    assert main(["selftest", "--device", "cpu", "--arch", "sdxl", "--scale-down", "32", "--quick",
+                 "--json", str(out)]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("DARE merge self-test passed") and str(out) in captured.out
     assert "[1/" in captured.err   # progress on stderr, the report alone on stdout
     report = json.loads(out.read_text())
     assert report["arch"] == "sdxl" and report["ok"] and report["format"] == selftest.REPORT_FORMAT
+    assert report["quick"] and "quick (a sample of keys)" in captured.out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
