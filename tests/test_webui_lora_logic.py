@@ -12,6 +12,7 @@ import types
 from types import SimpleNamespace
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from lib_merge.errors import CheckpointError, OutputError, ParameterError
@@ -87,3 +88,18 @@ def test_http_save_lora_writes_into_the_lora_folder(webui, monkeypatch):
         api._lora_request({"save_lora": "x", "lora_rank": 0}, overwrite=False)
     with pytest.raises(ParameterError, match="need save_lora"):
         api._lora_request({"lora_rank": 8}, overwrite=False)
+
+
+def test_xyz_section_lists_loras_and_a_cell_merges_one(webui):
+    from lib_merge import merge_to_memory
+    from lib_merge.webui import xyz
+    assert xyz.checkpoint_titles()[-1] == "LoRA: styles/ink.safetensors"
+    values = {"method": "add_difference", "base": "base.safetensors", "models": ["LoRA: styles/ink.safetensors"],
+              "p": 0.0, "k": 1.0, "alpha": 1.0, "lam": 1.0, "vote_sgn": False, "seed": 42, "weights": "0.5",
+              "split_alpha": False, "alpha_unet": 1.0, "alpha_te": 1.0}
+    recipe = xyz.section_recipe(values)
+    assert recipe.models == [webui.lora] and recipe.weights == [0.5]
+    state, _ = merge_to_memory(recipe, out_dtype="fp32", device="cpu")
+    base = load_file(webui.base.filename)
+    key = SD1_MODULES[0]["key"]
+    assert not torch.equal(state[key], base[key].float())

@@ -69,9 +69,9 @@ def log(message: str) -> None:
 
 
 def checkpoint_titles() -> list[str]:
-    """The WebUI's checkpoint titles; [] when the list cannot be read (the section still builds)."""
+    """The WebUI's checkpoint titles, then its LoRAs ("LoRA: name"); [] when the list cannot be read."""
     try:
-        return host.checkpoint_titles()
+        return host.checkpoint_titles() + host.lora_titles()
     except Exception:
         return []
 

@@ -56,6 +56,7 @@ def build_section(script, is_img2img: bool) -> list:
 
     def refresh_lists(base_v, models_v):
         host.refresh_checkpoints()
+        host.refresh_loras()
         choices = checkpoint_titles()
         return (gr.update(choices=choices, value=base_v if base_v in choices else None),
                 gr.update(choices=choices, value=[m for m in (models_v or []) if m in choices]))
