@@ -30,6 +30,7 @@ tries to read ``<name>.dare-merge-in-memory`` from disk.  The rules here:
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Callable, Mapping
 
 from . import host
 from .hotload_base import HotLoadError
@@ -68,46 +69,129 @@ def _is_loaded(info) -> bool:
         return False
 
 
-def remember(info) -> None:
-    """Note a merge's title and its base's title (kept after the merge is unregistered)."""
+def remember(info, bases: dict[str, str] | None = None) -> None:
+    """Note a merge's title and its base's title (kept after the merge is unregistered) in ``bases``
+    (default: this process's record)."""
     if host.is_merged_info(info):
         base = info.dare_merge.get("base_title")
         if base:
-            _merge_bases[info.title] = base
+            (_merge_bases if bases is None else bases)[info.title] = base
 
 
-def base_title_of(title: str | None) -> str | None:
-    """The base's title when ``title`` names a merge (listed or not any more); else None."""
+# -- the rules as functions of plain values (the host's alias map, its options, flags) ----------------
+# ``aliases`` is the host's ``sd_models.checkpoint_aliases`` (title/name/hash -> CheckpointInfo) and
+# ``bases`` a record of merge title -> base title; the hooks below read both from the host and call these.
+
+def merge_base_title(title: str | None, aliases: Mapping, bases: dict[str, str]) -> str | None:
+    """The base's title when ``title`` names a merge (listed in ``aliases``, or recorded in ``bases``
+    from before it was unlisted); else None.  A listed merge is recorded in ``bases``."""
     if not title:
         return None
-    info = _aliases().get(title)
+    info = aliases.get(title)
     if host.is_merged_info(info):
-        remember(info)
+        remember(info, bases)
         return info.dare_merge.get("base_title")
-    return _merge_bases.get(title)
+    return bases.get(title)
 
 
-def _real_info(title: str | None):
-    """The listed real CheckpointInfo for a title, or None."""
-    info = _aliases().get(title) if title else None
+def real_info(title: str | None, aliases: Mapping):
+    """The listed real (not merged) CheckpointInfo for a title, or None."""
+    info = aliases.get(title) if title else None
     return None if info is None or host.is_merged_info(info) else info
 
 
-def persisted(data: dict) -> dict:
-    """``opts.data`` as it should be written to config.json: a merge's title becomes its base's."""
-    title = data.get(KEY)
-    base = base_title_of(title)
+def persisted_options(data: dict, aliases: Mapping, bases: dict[str, str]) -> dict:
+    """``data`` (the host's ``opts.data``) as config.json should hold it: a merge's title becomes its
+    base's, with the base's hash (or none).  ``data`` itself is returned when it names no merge."""
+    base = merge_base_title(data.get(KEY), aliases, bases)
     if base is None:
         return data
     out = dict(data)
     out[KEY] = base
-    info = _real_info(base)
-    sha = getattr(info, "sha256", None)
+    sha = getattr(real_info(base, aliases), "sha256", None)
     if sha:
         out[HASH_KEY] = sha
     else:
         out.pop(HASH_KEY, None)
     return out
+
+
+def base_for_unloaded_merge(selected: str | None, is_loaded: Callable[[object], bool], aliases: Mapping,
+                            bases: dict[str, str]):
+    """What ``select_checkpoint`` gives instead of the selection: the listed base when ``selected``
+    names a merge that is not in the model (``is_loaded(info)`` says whether an info is; it has no file
+    to read); None keeps the host's own choice.  ``is_loaded`` is asked only about a merge."""
+    base_title = merge_base_title(selected, aliases, bases)
+    if base_title is None or is_loaded(aliases.get(selected)):
+        return None
+    return real_info(base_title, aliases)
+
+
+def selection_after_load(selected: str | None, loaded, is_loaded: Callable[[object], bool], aliases: Mapping,
+                         bases: dict[str, str]) -> str | None:
+    """The title the selection must change to after the host loaded the CheckpointInfo ``loaded``:
+    its own, when the selection still names a merge that is no longer in the model; else None."""
+    if loaded is not None and selected != loaded.title and merge_base_title(selected, aliases, bases) is not None \
+            and not is_loaded(aliases.get(selected)):
+        return loaded.title
+    return None
+
+
+def base_after_override(override: str | None, selected: str | None, aliases: Mapping, bases: dict[str, str]):
+    """A plain generation's checkpoint override while the merge ``selected`` is selected: the merge's
+    listed base (what the selection becomes, so the host restores a real file afterwards), or None
+    when nothing changes (no override, one the host ignores, one naming a merge, or no merge selected)."""
+    if real_info(override, aliases) is None:
+        return None
+    return real_info(merge_base_title(selected, aliases, bases), aliases)
+
+
+def take_override(overrides: dict, aliases: Mapping):
+    """Remove the checkpoint named in ``overrides`` (a request's ``override_settings``) when the host
+    knows it, and return its CheckpointInfo; None when none is named, the host does not know it (left
+    in place: the host ignores it too), or it names a merge (removed: the section's merge is used)."""
+    value = overrides.get(KEY)
+    if value is None:
+        return None
+    info = aliases.get(value)
+    if info is None:
+        return None  # the host ignores an override it cannot find; so does the section
+    del overrides[KEY]
+    if host.is_merged_info(info):
+        log(f"this image names the merge {info.title} as its checkpoint; the section's merge is used")
+        return None
+    return info
+
+
+def merge_state_dict(checkpoint_info, registered, loaded_state: dict | None) -> dict:
+    """A merge's state dict for A1111's ``get_checkpoint_state_dict``: a copy of the weights held in
+    memory when ``checkpoint_info`` is the merge registered now (``registered``), else a clear error."""
+    if loaded_state is not None and registered is checkpoint_info:
+        print(f"[DARE Merge] loading the merge {checkpoint_info.title} from memory")
+        return dict(loaded_state)
+    raise HotLoadError(f"{checkpoint_info.title} is a merge held in memory that is no longer loaded, so there "
+                       "is no file to read; pick a real checkpoint, or hot-load the merge again")
+
+
+# -- the same, reading the host ------------------------------------------------------------------------
+
+def base_title_of(title: str | None) -> str | None:
+    """The base's title when ``title`` names a merge (listed or not any more); else None."""
+    if not title:
+        return None
+    return merge_base_title(title, _aliases(), _merge_bases)
+
+
+def _real_info(title: str | None):
+    """The listed real CheckpointInfo for a title, or None."""
+    return real_info(title, _aliases()) if title else None
+
+
+def persisted(data: dict) -> dict:
+    """``opts.data`` as it should be written to config.json: a merge's title becomes its base's."""
+    if not data.get(KEY):
+        return data
+    return persisted_options(data, _aliases(), _merge_bases)
 
 
 # -- hooks -------------------------------------------------------------------------------
@@ -134,24 +218,28 @@ def on_model_loaded(model) -> None:
     session.hot_loaded = loader.loaded_recipe_hash() is not None
     opts = _opts()
     selected = opts.data.get(KEY)
-    if info is not None and selected != info.title and base_title_of(selected) is not None \
-            and not _is_loaded(_aliases().get(selected)):
-        opts.data[KEY] = info.title
+    if info is None or selected == info.title or not selected:
+        return
+    title = selection_after_load(selected, info, _is_loaded, _aliases(), _merge_bases)
+    if title is not None:
+        opts.data[KEY] = title
 
 
 def yield_to_override(p) -> None:
     """A plain generation (no merge) that names a checkpoint while a merge is loaded: from now on the
     selection is the merge's base, so the options the host restores afterwards name a real file."""
     override = (getattr(p, "override_settings", None) or {}).get(KEY)
-    named = _real_info(override)
+    if not override:
+        return
+    aliases = _aliases()
+    named = real_info(override, aliases)
     if named is None:
-        return       # no override, one the host will ignore, or the merge itself
+        return       # one the host will ignore, or the merge itself
     opts = _opts()
     selected = opts.data.get(KEY)
-    base_title = base_title_of(selected)
-    base = _real_info(base_title)
+    base = base_after_override(override, selected, aliases, _merge_bases)
     if base is None:
-        return
+        return       # no merge selected
     opts.data[KEY] = base.title
     log(f"this image names the checkpoint {named.title}, which replaces the merge {selected}; "
         f"afterwards its base {base.title} is selected (the merge stays in memory)")
@@ -167,15 +255,7 @@ def take_checkpoint_override(p):
     overrides = getattr(p, "override_settings", None)
     if not overrides or overrides.get(KEY) is None:
         return None
-    value = overrides.get(KEY)
-    info = _aliases().get(value)
-    if info is None:
-        return None  # the host ignores an override it cannot find; so does the section
-    del overrides[KEY]
-    if host.is_merged_info(info):
-        log(f"this image names the merge {info.title} as its checkpoint; the section's merge is used")
-        return None
-    return info
+    return take_override(overrides, _aliases())
 
 
 def pin_loaded_merge() -> None:
@@ -238,9 +318,8 @@ def _select_checkpoint(original):
     def select_checkpoint(*args, **kwargs):
         opts = _opts()
         selected = opts.data.get(KEY)
-        base_title = base_title_of(selected)
-        if base_title is not None and not _is_loaded(_aliases().get(selected)):
-            base = _real_info(base_title)
+        if selected:
+            base = base_for_unloaded_merge(selected, _is_loaded, _aliases(), _merge_bases)
             if base is not None:
                 log(f"the merge {selected} is no longer in the model and has no file; selecting its base "
                     f"{base.title}")
@@ -255,12 +334,8 @@ def _get_checkpoint_state_dict(original):
         if not host.is_merged_info(checkpoint_info):
             return original(checkpoint_info, timer, *args, **kwargs)
         loader = _loader()
-        state = getattr(loader, "loaded_state", None)
-        if state is not None and getattr(loader.registry, "info", None) is checkpoint_info:
-            print(f"[DARE Merge] loading the merge {checkpoint_info.title} from memory")
-            return dict(state)
-        raise HotLoadError(f"{checkpoint_info.title} is a merge held in memory that is no longer loaded, so there "
-                           "is no file to read; pick a real checkpoint, or hot-load the merge again")
+        return merge_state_dict(checkpoint_info, getattr(loader.registry, "info", None),
+                                getattr(loader, "loaded_state", None))
     return get_checkpoint_state_dict
 
 
@@ -278,4 +353,6 @@ def _save(original, filename, *args, **kwargs):
 
 
 __all__ = ["on_model_loaded", "yield_to_override", "take_checkpoint_override", "pin_loaded_merge", "persisted",
-           "base_title_of", "install", "uninstall", "remember"]
+           "base_title_of", "install", "uninstall", "remember", "merge_base_title", "real_info",
+           "persisted_options", "base_for_unloaded_merge", "selection_after_load", "base_after_override",
+           "take_override", "merge_state_dict"]
