@@ -177,13 +177,16 @@ class MergePlan:
         from .errors import CheckpointError
         from .hashing import sha256_file
         from .masks import model_mask_ids
-        digests = []
-        for path in r.models:
+        def digest(path: str) -> str:
             try:
-                digests.append(sha256_file(path))
+                return sha256_file(path)
             except OSError as exc:
                 raise CheckpointError(f"cannot read it to name its DARE masks: {exc.strerror or exc}", path) from None
-        r.mask_ids = model_mask_ids(digests)
+
+        unique = list(dict.fromkeys(r.models))
+        with ThreadPoolExecutor(max_workers=max(1, min(4, len(unique))), thread_name_prefix="dare-mask-id") as pool:
+            found = dict(zip(unique, pool.map(digest, unique)))   # hashlib releases the GIL: files side by side
+        r.mask_ids = model_mask_ids([found[path] for path in r.models])
         return list(r.mask_ids)
 
     def _check_arch(self) -> str:

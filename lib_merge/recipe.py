@@ -251,6 +251,8 @@ class MergeRecipe:
                 notes.append(f"{knob} = {getattr(r, knob):g} is ignored: {spec.name} does not use it")
         if r.rescale == "unbiased" and "rescale" not in spec.uses:
             notes.append(f"rescale unbiased is ignored: {spec.name} has no DARE rescale")
+        elif r.rescale == "unbiased" and r.lam != 1.0:
+            notes.append(f"lambda = {r.lam:g} is not used: the unbiased rescale divides by 1 - p^j instead")
         return notes
 
     # -- serialisation

@@ -482,3 +482,25 @@ def test_della_row_order_is_the_stable_sort_of_magnitudes(rows, m):
     x[0, : min(m, 3)] = 0.0
     x[-1, -1] = -0.0
     assert torch.equal(row_order(x), torch.sort(x.abs(), dim=1, stable=True).indices)
+
+
+def test_unbiased_rescale_says_lambda_is_not_used(sd1_set):
+    notes = MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"], rescale="unbiased", lam=0.5).validate()
+    assert any("lambda = 0.5 is not used" in n for n in notes)
+    assert not any("lambda" in n for n in MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"],
+                                                       rescale="unbiased").validate())
+
+
+def test_files_are_hashed_for_masks_only_when_masks_are_drawn(sd1_set, monkeypatch):
+    from lib_merge import hashing
+    from lib_merge.engine import MergePlan
+
+    def refuse(path):
+        raise AssertionError(f"hashed {path}")
+    monkeypatch.setattr(hashing, "sha256_file", refuse)
+    for method, extra in (("ties", {}), ("breadcrumbs", {}), ("model_stock", {}), ("weighted_sum", {"p": 0.0})):
+        plan = MergePlan(MergeRecipe(method, sd1_set["base"], sd1_set["models"], **extra))
+        assert plan.mask_ids is None
+        plan.close()
+    with pytest.raises(AssertionError, match="hashed"):
+        MergePlan(MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"], p=0.1))
