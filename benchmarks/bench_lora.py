@@ -114,7 +114,7 @@ def main() -> int:
              "", f"`python benchmarks/bench_lora.py {' '.join(sys.argv[1:])}` on {platform.node()}, "
              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", "",
              "| job | reference | reference s | candidate s | ratio | target |", "|---|---|---|---|---|---|"]
-    what = {"bake": (f"2-model add_difference", f"{args.n_loras} LoRAs rank 32 baked (add_difference)", "≤ 2×"),
+    what = {"bake": ("2-model add_difference", f"{args.n_loras} LoRAs rank 32 baked (add_difference)", "≤ 2×"),
             "write_lora": ("dare_ties_soup N=2 → --out", "same → --out-lora rank 64", "≤ 3×")}
     for name, r, c, ratio in rows:
         ref_text, cand_text, target = what[name]
