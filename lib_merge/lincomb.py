@@ -73,27 +73,38 @@ def model_stock_coefficients(full_gram: torch.Tensor) -> list[float]:
 
 
 def geometric_median_coefficients(full_gram: torch.Tensor, weights: Sequence[float]) -> list[float]:
-    """Weiszfeld's iteration on the coefficients of z = theta0 + sum_t c_t delta_t."""
-    g = full_gram.to(torch.float64)
-    d_gram = g[1:, 1:]
-    base_dot = g[0, 1:]
-    base_sq = float(g[0, 0])
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
-    c = w / w.sum()
+    """Weiszfeld's iteration on the coefficients of z = theta0 + sum_t c_t delta_t.
+
+    Plain Python floats (float64): N is a handful, and a small torch op per
+    step would cost more than the arithmetic.
+    """
+    g = full_gram.to(torch.float64).tolist()
+    count = len(g) - 1
+    d_gram = [row[1:] for row in g[1:]]
+    base_dot = g[0][1:]
+    base_sq = g[0][0]
+    w = [float(x) for x in weights]
+    total = sum(w)
+    c = [x / total for x in w]
+
+    def quad(u: list[float], v: list[float]) -> float:
+        return sum(u[i] * sum(d_gram[i][j] * v[j] for j in range(count)) for i in range(count))
+
     for _ in range(WEISZFELD_ITERATIONS):
-        gc = d_gram @ c
-        csq = float(c @ gc)
-        squared = torch.diagonal(d_gram) - 2.0 * gc + csq       # |delta_t - sum c delta|^2
-        distances = squared.clamp_min(0.0).sqrt().clamp_min(DISTANCE_FLOOR)
-        inv = w / distances
-        c_new = inv / inv.sum()
-        step = c_new - c
-        step_norm = math.sqrt(max(float(step @ (d_gram @ step)), 0.0))
-        z_norm = math.sqrt(max(base_sq + 2.0 * float(base_dot @ c_new) + float(c_new @ (d_gram @ c_new)), 0.0))
+        gc = [sum(d_gram[i][j] * c[j] for j in range(count)) for i in range(count)]
+        csq = sum(c[i] * gc[i] for i in range(count))
+        inv = [w[t] / max(math.sqrt(max(d_gram[t][t] - 2.0 * gc[t] + csq, 0.0)), DISTANCE_FLOOR)
+               for t in range(count)]
+        norm = sum(inv)
+        c_new = [x / norm for x in inv]
+        step = [c_new[i] - c[i] for i in range(count)]
+        step_norm = math.sqrt(max(quad(step, step), 0.0))
+        z_norm = math.sqrt(max(base_sq + 2.0 * sum(base_dot[i] * c_new[i] for i in range(count))
+                               + quad(c_new, c_new), 0.0))
         c = c_new
         if step_norm < WEISZFELD_TOLERANCE * z_norm or step_norm == 0.0:
             break
-    return [float(x) for x in c]
+    return c
 
 
 def lincomb_apply(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], coefficients: Sequence[float],
