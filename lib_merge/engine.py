@@ -167,10 +167,8 @@ class MergePlan:
         processes receive the identities with the recipe.
         """
         r = self.recipe
-        if r.mask_ids is not None:
-            if len(r.mask_ids) != len(r.models):
-                raise ParameterError("internal: mask identities do not match the models")
-            return list(r.mask_ids)
+        if r.mask_ids is not None and r.mask_ids[0] == tuple(r.models):   # computed for these very models
+            return list(r.mask_ids[1])
         kind = self.spec.kind
         if not (kind == "della" or (kind == "delta" and "p" in self.spec.uses and (r.p > 0.0 or bool(r.block_p)))):
             return None
@@ -186,8 +184,9 @@ class MergePlan:
         unique = list(dict.fromkeys(r.models))
         with ThreadPoolExecutor(max_workers=max(1, min(4, len(unique))), thread_name_prefix="dare-mask-id") as pool:
             found = dict(zip(unique, pool.map(digest, unique)))   # hashlib releases the GIL: files side by side
-        r.mask_ids = model_mask_ids([found[path] for path in r.models])
-        return list(r.mask_ids)
+        ids = model_mask_ids([found[path] for path in r.models])
+        r.mask_ids = (tuple(r.models), tuple(ids))
+        return ids
 
     def _check_arch(self) -> str:
         base_arch = self.base.arch

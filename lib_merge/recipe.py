@@ -143,9 +143,10 @@ class MergeRecipe:
     epsilon: float | None = None             # DELLA: keep probability spread (None = the method's)
     beta: float | None = None                # Breadcrumbs: largest fraction of |delta| dropped
     rescale: str | None = None               # "uniform" (1-p)^-lambda or "unbiased" 1/(1-p^j); None = uniform
-    # Not a knob: the models' mask identities (masks.model_mask_ids), filled in by the engine from the
-    # files' contents when DARE masks are drawn, so worker processes need not hash the files again.
-    mask_ids: list[str] | None = field(default=None, repr=False, compare=False)
+    # Not a knob: (models, their mask identities (masks.model_mask_ids)), filled in by the engine from the
+    # files' contents when DARE masks are drawn, so worker processes need not hash the files again; used
+    # only while ``models`` is still that list.
+    mask_ids: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def spec(self) -> MethodSpec:

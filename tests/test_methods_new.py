@@ -504,3 +504,16 @@ def test_files_are_hashed_for_masks_only_when_masks_are_drawn(sd1_set, monkeypat
         plan.close()
     with pytest.raises(AssertionError, match="hashed"):
         MergePlan(MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"], p=0.1))
+
+
+def test_mask_identities_carried_by_a_recipe_are_used_only_for_the_same_models(sd1_set):
+    from dataclasses import replace
+
+    from lib_merge.engine import MergePlan
+    plan = MergePlan(MergeRecipe("dare_ties", sd1_set["base"], sd1_set["models"], p=0.3))
+    ids = plan.mask_ids
+    plan.close()
+    swapped = replace(plan.recipe, models=list(reversed(plan.recipe.models)))   # carries the old identities
+    again = MergePlan(swapped)
+    assert again.mask_ids == list(reversed(ids))
+    again.close()
