@@ -200,8 +200,9 @@ class InputCache:
             new_device = with_index(device) if device is not None else self.device
             new_dev_budget = int(device_budget_mb * MB) if device_budget_mb is not None else self.device_budget
             new_ram_budget = int(ram_budget_mb * MB) if ram_budget_mb is not None else self.ram_budget
-            if new_device.type == "cpu":
-                new_dev_budget = 0  # on a CPU merge, RAM is the device: one budget, the RAM one
+            if new_device.type != "cuda":
+                # on a CPU merge, RAM is the device: one budget, the RAM one; mps/xpu merge on the CPU too
+                new_dev_budget = 0
             if (new_device, new_dev_budget, new_ram_budget) != (self.device, self.device_budget, self.ram_budget):
                 self._drop_tensors()
             self.device, self.device_budget, self.ram_budget = new_device, max(0, new_dev_budget), max(0, new_ram_budget)

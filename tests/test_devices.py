@@ -14,7 +14,7 @@ from lib_merge import MergeRecipe, compat, devices
 from lib_merge.devices import MergeDevice, resolve_merge_device
 from lib_merge.engine import iter_merge as real_iter_merge
 from lib_merge.errors import ParameterError
-from lib_merge.input_cache import InputCache, default_device_budget_mb, session_reads_from
+from lib_merge.input_cache import MB, InputCache, default_device_budget_mb, session_reads_from
 from lib_merge.session import MergeSession
 
 
@@ -108,6 +108,12 @@ def test_default_device_budget(fake_cuda):
     assert fake_cuda == [("mem_get_info", 1)]
     assert default_device_budget_mb("cuda:1", 2048, held_mb=1000) == (8192 + 1000 - 2048) / 2
     assert default_device_budget_mb("cuda:1", 10000) == 0
+
+
+def test_input_cache_keeps_nothing_on_untested_devices():
+    for name in ("mps", "xpu:0", "cpu"):
+        cache = InputCache(name, device_budget_mb=64, ram_budget_mb=8)
+        assert cache.device_budget == 0 and cache.ram_budget == 8 * MB and cache.enabled
 
 
 def test_default_device_budget_without_cuda():
