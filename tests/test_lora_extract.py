@@ -158,6 +158,11 @@ def test_randomized_svd_keeps_the_energy_of_the_exact_one():
     approx = u @ torch.diag(s) @ vh
     energy = float(approx.double().pow(2).sum() / mat.double().pow(2).sum())
     assert energy == pytest.approx(energy_exact, abs=1e-3)
+    noise = torch.randn(640, 640, generator=g)             # flat spectrum: the randomized one falls short,
+    u, s, vh, randomized = truncated_svd(noise, 32)          # so the exact SVD is used
+    exact = torch.linalg.svdvals(noise.double())
+    assert not randomized
+    assert float((s.double() ** 2).sum()) == pytest.approx(float((exact[:32] ** 2).sum()), rel=1e-4)
 
 
 def test_out_lora_refuses_an_input_and_bad_ranks(sd1_set, lora_in, tmp_path):
