@@ -379,6 +379,7 @@ class _Option:
 
 def test_cache_settings_say_input_cache(monkeypatch):
     """Settings > DARE Merge: both cache budgets are the *input* cache (issue 17), not "merged models"."""
+    pytest.importorskip("gradio")          # the settings name gradio components (not in the torch-compat venvs)
     options = {}
     shared = types.ModuleType("modules.shared")
     shared.OptionInfo = _Option

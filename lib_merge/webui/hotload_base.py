@@ -38,6 +38,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..compat import register_load_state_dict_pre_hook
 from ..errors import MergeError
 from . import host
 
@@ -98,7 +99,7 @@ def install_module_fault(modules: list[torch.nn.Module], after: int | None) -> l
     def hook(*_args, **_kwargs):
         FAULTS.fire(f"module {min(after, len(modules) - 1)} of {len(modules)}")
 
-    return [target.register_load_state_dict_pre_hook(hook)]
+    return [register_load_state_dict_pre_hook(target, hook)]   # torch 2.1-2.4: the private method
 
 
 def fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
