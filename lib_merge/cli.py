@@ -329,6 +329,11 @@ def cmd_ui(a: argparse.Namespace) -> int:
     return serve(models_dir=a.models_dir, port=a.port, demo=a.demo)
 
 
+def cmd_selftest(a: argparse.Namespace) -> int:
+    from .selftest import main_selftest
+    return main_selftest(a.device, a.arch, a.json, a.scale_down, a.quiet, a.quick)
+
+
 def _prog() -> str:
     """The name the user typed: the installed ``dare-merge`` command, or ``python -m lib_merge``."""
     name = os.path.basename(sys.argv[0] if sys.argv else "")
@@ -368,12 +373,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", required=True, help="folder of checkpoints to choose from; merges are saved here")
     p.add_argument("--port", type=int, default=7870)
     p.add_argument("--demo", action="store_true", help="write small synthetic SD1 checkpoints there if it has none")
+    p = sub.add_parser("selftest", help="check the merge on this machine's torch and device (a report to paste)",
+                       description="Bit-identity of every method (CPU vs device), the trim threshold on "
+                                   "SDXL-sized keys, where results end up, VRAM budget and release, the "
+                                   "out-of-memory fallback and timings, on small synthetic checkpoints. "
+                                   "Exit 0 when no check fails, 1 otherwise.")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--arch", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    p.add_argument("--json", metavar="FILE", help="where to write the JSON report (default dare-merge-selftest.json)")
+    p.add_argument("--scale-down", type=int, help="divide the synthetic models' dimensions by this "
+                                                  "(default 16 on CPU, 8 on CUDA; 1 = full size)")
+    p.add_argument("--quick", action="store_true", help="identity checks on a sample of the keys (faster)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"merge": cmd_merge, "inspect": cmd_inspect, "synth": cmd_synth, "ui": cmd_ui}
+    handlers = {"merge": cmd_merge, "inspect": cmd_inspect, "synth": cmd_synth, "ui": cmd_ui,
+                "selftest": cmd_selftest}
     try:
         return handlers[args.command](args)
     except MergeCancelled as exc:
