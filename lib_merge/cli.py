@@ -172,7 +172,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
     device = check_device(a.device) if a.device else default_device()
     processes = check_processes(a.processes)
     if not a.out and not a.out_lora:
-        raise ParameterError("give --out FILE, --out-lora FILE, or both")
+        raise ParameterError(f"give --out FILE, --out-lora FILE, or both (see {_prog()} merge --help)")
     recipe, dtype = _recipe_from_args(a)
     cancel = CancelToken()
     bar = None
