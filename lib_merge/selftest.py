@@ -36,7 +36,7 @@ from .compat import (OUT_OF_MEMORY_ERRORS, cuda_index, cuda_ready, describe_torc
 from .devices import accelerator_name, resolve_merge_device
 from .engine import INPAINT_KEY, MergePlan, iter_merge
 from .errors import MergeError
-from .input_cache import DEVICE_TIER, MB, InputCache, device_key, session_reads_from
+from .input_cache import MB, InputCache, device_key, session_reads_from
 from .methods import METHODS
 from .recipe import MergeRecipe
 from .session import MergeSession

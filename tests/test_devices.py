@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lib_merge.session as session_mod
-from lib_merge import MergeRecipe, compat, devices
+from lib_merge import MergeRecipe, compat
 from lib_merge.devices import MergeDevice, resolve_merge_device
 from lib_merge.engine import iter_merge as real_iter_merge
 from lib_merge.errors import ParameterError
