@@ -247,17 +247,21 @@ def test_tab_merge_out_of_memory_frees_vram_and_says_so(monkeypatch):
 
 @pytest.fixture()
 def forge_memory(monkeypatch):
+    """Records what gpu_room asks Forge for (host._ask_forge_for_room, the one line that calls Forge's
+    backend.memory_management.free_memory, is replaced: no Forge module is imitated)."""
     calls = []
-    backend = types.ModuleType("backend")
-    mm = types.ModuleType("backend.memory_management")
-    mm.free_memory = lambda memory_required, device, keep_loaded=(), free_all=False: calls.append(
-        (memory_required, device))
-    backend.memory_management = mm
-    monkeypatch.setitem(sys.modules, "backend", backend)
-    monkeypatch.setitem(sys.modules, "backend.memory_management", mm)
+    monkeypatch.setattr(host, "_ask_forge_for_room", lambda needed, dev: calls.append((needed, dev)))
     emptied = []
     monkeypatch.setattr(compat, "empty_cache", lambda device: emptied.append(str(device)))
     return SimpleNamespace(calls=calls, emptied=emptied)
+
+
+def test_forge_room_is_asked_only_for_cuda_merges_on_forge():
+    cuda1 = torch.device("cuda", 1)
+    assert host.forge_room_bytes(cuda1, 3, host.FORGE) == (1024 + 3 * 384) * MB
+    assert host.forge_room_bytes(cuda1, 0, host.FORGE) == (1024 + 384) * MB
+    assert host.forge_room_bytes(cuda1, 3, host.A1111) is None
+    assert host.forge_room_bytes(torch.device("cpu"), 3, host.FORGE) is None
 
 
 def test_forge_is_asked_for_room_before_a_gpu_merge(forge_memory, monkeypatch):

@@ -303,6 +303,20 @@ MERGE_ROOM_MB = 1024
 MERGE_ROOM_PER_MODEL_MB = 384
 
 
+def forge_room_bytes(dev, n_models: int, kind: str | None) -> int | None:
+    """The room :func:`gpu_room` asks Forge for before merging ``n_models`` models on the torch
+    device ``dev``, in bytes; None where nothing is asked (a non-CUDA merge, or a host ``kind`` that
+    is not Forge)."""
+    if dev.type != "cuda" or kind != FORGE:
+        return None
+    return (MERGE_ROOM_MB + MERGE_ROOM_PER_MODEL_MB * max(1, n_models)) * (1 << 20)
+
+
+def _ask_forge_for_room(needed: int, dev) -> None:
+    from backend import memory_management
+    memory_management.free_memory(needed, dev)
+
+
 @contextlib.contextmanager
 def gpu_room(device: str, n_models: int) -> Iterator[None]:
     """On Forge, ask its memory manager for room before a GPU merge, and give it back after.
@@ -317,12 +331,11 @@ def gpu_room(device: str, n_models: int) -> Iterator[None]:
     """
     from ..compat import with_index
     dev = with_index(device)      # Forge compares devices with ==: cuda must carry its index
-    if dev.type != "cuda" or detect() != FORGE:
+    needed = forge_room_bytes(dev, n_models, detect() if dev.type == "cuda" else None)
+    if needed is None:
         yield
         return
-    from backend import memory_management
-    needed = (MERGE_ROOM_MB + MERGE_ROOM_PER_MODEL_MB * max(1, n_models)) * (1 << 20)
-    memory_management.free_memory(needed, dev)
+    _ask_forge_for_room(needed, dev)
     try:
         yield
     finally:
