@@ -12,8 +12,6 @@
 """
 from __future__ import annotations
 
-import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -368,39 +366,6 @@ def test_webui_on_mps_or_xpu_merges_on_the_cpu_and_says_so(monkeypatch, webui):
 
 def test_low_vram_mode_is_assumed_without_a_webui():
     assert host.low_vram_mode() is True      # unknown host: spare no VRAM
-
-
-# ----------------------------------------------------------------------------- the settings' words
-
-class _Option:
-    def __init__(self, default, label, component=None, args=None, section=None) -> None:
-        self.default, self.label, self.section, self.text = default, label, section, ""
-
-    def info(self, text):
-        self.text = text
-        return self
-
-
-def test_cache_settings_say_input_cache(monkeypatch):
-    """Settings > DARE Merge: both cache budgets are the *input* cache (issue 17), not "merged models"."""
-    pytest.importorskip("gradio")          # the settings name gradio components (not in the torch-compat venvs)
-    options = {}
-    shared = types.ModuleType("modules.shared")
-    shared.OptionInfo = _Option
-    shared.opts = SimpleNamespace(add_option=lambda key, option: options.__setitem__(key, option))
-    modules = types.ModuleType("modules")
-    modules.shared = shared
-    monkeypatch.setitem(sys.modules, "modules", modules)
-    monkeypatch.setitem(sys.modules, "modules.shared", shared)
-    from lib_merge.webui import xyz
-    host.add_settings()
-    xyz.on_ui_settings()
-    ram, gpu = options[host.OPT_CACHE_MB], options[xyz_cache.OPT_CACHE_GPU_MB]
-    assert ram.label == "X/Y/Z merge input cache in RAM (MB)" and gpu.label == "X/Y/Z merge input cache on the GPU (MB)"
-    for option in (ram, gpu):
-        assert "merged model" not in (option.label + option.text)
-    assert "--lowvram/--medvram or on Forge" in gpu.text and "freed when it ends" in gpu.text
-    assert "mps/xpu merges on the CPU" in options[host.OPT_DEVICE].text
 
 
 def test_http_merge_on_cuda_uses_the_webuis_card(monkeypatch, sd1_set):
