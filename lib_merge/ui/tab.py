@@ -95,6 +95,20 @@ def _arch_of(host: TabHost, title: str | None) -> str:
     return "sd1"
 
 
+
+def clamp_typed_values(controls) -> None:
+    """Answer a value typed past a slider's end with the end value at once, so the box shows what the merge
+    uses (the page clamps it too, but only when the box loses focus). ``controls``: (knob, slider) pairs;
+    the tab and the WebUI's X/Y/Z section both wire their sliders through this."""
+    def clamp_to(knob):
+        def clamp(value):
+            clamped = clamp_knob(knob, value)
+            return compat.update() if clamped is None else compat.update(value=clamped)
+        return clamp
+
+    for knob, control in controls:
+        control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
+
 def build_tab(host: TabHost) -> gr.Blocks:
     """Build the tab's Blocks (render it inside a WebUI's tabs, or serve it as is)."""
     titles = host.list_checkpoints()
@@ -248,17 +262,8 @@ def build_tab(host: TabHost) -> gr.Blocks:
         method.change(apply_preset, inputs=[method],
                       outputs=[p, k, alpha, lam, vote_sgn, epsilon, beta, rescale, method_help], queue=False)
 
-        # a value typed past a slider's end is answered with the end value at once: the box then shows
-        # what the merge uses (the page clamps it too, but only when the box loses focus)
-        def clamp_to(knob):
-            def clamp(value):
-                clamped = clamp_knob(knob, value)
-                return compat.update() if clamped is None else compat.update(value=clamped)
-            return clamp
-
-        for knob, control in (("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
-                              ("alpha_te", alpha_te), ("epsilon", epsilon), ("beta", beta)):
-            control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
+        clamp_typed_values((("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
+                            ("alpha_te", alpha_te), ("epsilon", epsilon), ("beta", beta)))
 
         split_alpha.change(lambda on: (compat.update(interactive=bool(on)), compat.update(interactive=bool(on))),
                            inputs=[split_alpha], outputs=[alpha_unet, alpha_te], queue=False)

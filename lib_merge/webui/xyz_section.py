@@ -8,7 +8,7 @@ order ``before_process`` receives their values in.
 from __future__ import annotations
 
 from ..methods import METHODS
-from ..ui.form import SLIDER_RANGES, clamp_knob
+from ..ui.form import SLIDER_RANGES
 from ..xyz_axes import INFOTEXT_BASE, INFOTEXT_KEYS, INFOTEXT_MODELS, has_recipe
 from . import host
 from .xyz import DEFAULTS, PASTED_BASE, PASTED_MODELS, checkpoint_titles
@@ -19,6 +19,7 @@ def build_section(script, is_img2img: bool) -> list:
     """Build the section's controls; sets ``script.infotext_fields`` and ``script.paste_field_names``
     (what pasting an image's infotext fills in) and returns the controls in ``SECTION_ARGS`` order."""
     import gradio as gr
+    from ..ui.tab import clamp_typed_values
     from modules.ui_components import InputAccordion, ToolButton
     tab = "img2img" if is_img2img else "txt2img"
 
@@ -64,17 +65,8 @@ def build_section(script, is_img2img: bool) -> list:
     refresh.click(refresh_lists, inputs=[base, models], outputs=[base, models])
     drop.click(lambda: drop_cache(), inputs=None, outputs=[cache_status])
 
-    # a value typed past a slider's end is answered with the end value at once, so the box shows what
-    # the merge uses (the page clamps it too, but only when the box loses focus): the same rule as the tab
-    def clamp_to(knob):
-        def clamp(value):
-            clamped = clamp_knob(knob, value)
-            return gr.update() if clamped is None else gr.update(value=clamped)
-        return clamp
-
-    for knob, control in (("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
-                          ("alpha_te", alpha_te)):
-        control.input(clamp_to(knob), inputs=[control], outputs=[control], queue=False)
+    clamp_typed_values((("p", p), ("k", k), ("alpha", alpha), ("lam", lam), ("alpha_unet", alpha_unet),
+                        ("alpha_te", alpha_te)))   # the tab's rule: the box shows the value the merge uses
 
     def pasted(key, convert=lambda v: v):
         return lambda params: convert(params[key]) if key in params else None
