@@ -25,7 +25,7 @@ from ..arch import BLOCK_PRESETS, block_preset
 from ..checkpoint import open_checkpoint
 from ..errors import MergeError, OutputError
 from ..methods import METHODS
-from ..recipe import OUTPUT_DTYPES
+from ..recipe import OUTPUT_DTYPES, MergeRecipe
 from ..names import check_save_name
 
 POLL_SECONDS = 0.4
@@ -74,6 +74,15 @@ def _check_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise MergeError("CUDA is not available here; choose the cpu device")
     return device
+
+
+def checked_recipe(form_values, device: str, resolve) -> MergeRecipe:
+    """The form's recipe, validated, on a usable device: what Merge, Save and Save as LoRA all check
+    before they start (one line on the page for any mistake)."""
+    recipe = FormValues(*form_values).recipe(resolve)
+    _check_device(device)
+    recipe.validate()
+    return recipe
 
 
 def _device_choices(default: str) -> list[str]:
@@ -302,9 +311,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
         def on_merge(*values):
             *form_v, device_v, precision_v, hot_load_v, name_v = values
             try:
-                recipe = FormValues(*form_v).recipe(host.resolve)
-                _check_device(device_v)
-                recipe.validate()
+                recipe = checked_recipe(form_v, device_v, host.resolve)
             except Exception as exc:
                 yield error_text(exc), compat.update()
                 return
@@ -341,9 +348,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 target = os.path.join(session.models_dir, filename)
                 if os.path.exists(target) and not overwrite_v:
                     raise OutputError("exists already; tick 'Overwrite' or choose another name", target)
-                recipe = FormValues(*form_v).recipe(host.resolve)
-                _check_device(device_v)
-                recipe.validate()
+                recipe = checked_recipe(form_v, device_v, host.resolve)
             except Exception as exc:
                 yield (error_text(exc), *keep)
                 return
@@ -385,9 +390,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 rank = int(rank_v or 0)
                 if rank < 1:
                     raise MergeError(f"LoRA rank must be at least 1, got {rank_v}")
-                recipe = FormValues(*form_v).recipe(host.resolve)
-                _check_device(device_v)
-                recipe.validate()
+                recipe = checked_recipe(form_v, device_v, host.resolve)
             except Exception as exc:
                 yield (error_text(exc), *keep)
                 return
