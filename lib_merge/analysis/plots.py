@@ -99,7 +99,10 @@ def available(analysis: Mapping[str, Any]) -> list[str]:
     """The plots this analysis has the numbers for, in :data:`PLOT_ORDER`."""
     keys = {"norms": "delta_norm", "cosine": "cosine", "conflict": "sign_conflict", "share": "share",
             "kept": "kept"}
-    return [name for name in PLOT_ORDER if isinstance(analysis.get(keys[name]), (Mapping, list))]
+    has = {name for name in PLOT_ORDER if isinstance(analysis.get(keys[name]), (Mapping, list))}
+    if isinstance(analysis.get("elected_agreement"), Mapping):   # a merge's own statistics: agreement only
+        has.add("conflict")
+    return [name for name in PLOT_ORDER if name in has]
 
 
 def _ticks(count: int) -> list[int]:
@@ -146,14 +149,15 @@ def _heatmap(name: str, grid: list[list[float]], models: Sequence[str], blocks: 
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label(colorbar, fontsize=8)
     if n * len(blocks) <= 120:   # few cells: print the values too
-        top = float(data.max()) if data.count() else 0.0
+        lo = vmin if vmin is not None else (float(data.min()) if data.count() else 0.0)
+        hi = vmax if vmax is not None else (float(data.max()) if data.count() else 1.0)
         for i in range(n):
             for j in range(len(blocks)):
                 if data.mask is not np.ma.nomask and data.mask[i, j]:
                     continue
                 value = float(data[i, j])
                 ax.text(j, i, annotate_fmt.format(value), ha="center", va="center", fontsize=6,
-                        color="black" if top and value > 0.6 * top else "white")
+                        color="black" if hi > lo and (value - lo) / (hi - lo) > 0.6 else "white")
     return fig
 
 
@@ -204,15 +208,17 @@ def cosine_figure(analysis: Mapping[str, Any]):
 def conflict_figure(analysis: Mapping[str, Any]):
     """Sign conflict per block as bars; with a merge, the agreement with the elected sign as a line."""
     _, blocks = _names(analysis)
-    table = analysis.get("sign_conflict") if isinstance(analysis.get("sign_conflict"), Mapping) else {}
-    values = [_number(table.get(b)) for b in blocks]
+    table = analysis.get("sign_conflict")
     fig = _new_figure("conflict", max(7.0, 2.5 + len(blocks) * 0.32), 4.2)
     ax = fig.add_subplot()
     xs = range(len(blocks))
-    ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], color="#d95f02", label="models disagree on the sign")
-    for x, value in zip(xs, values):
-        if math.isnan(value):
-            ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="#777777")
+    if isinstance(table, Mapping):   # a merge's own statistics have only the agreement line
+        values = [_number(table.get(b)) for b in blocks]
+        ax.bar(xs, [0.0 if math.isnan(v) else v for v in values], color="#d95f02",
+               label="models disagree on the sign")
+        for x, value in zip(xs, values):
+            if math.isnan(value):
+                ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90, color="#777777")
     agreement = analysis.get("elected_agreement")
     if isinstance(agreement, Mapping):
         line = [_number(agreement.get(b)) for b in blocks]
@@ -309,6 +315,11 @@ def write_plots(analysis: Mapping[str, Any], out_dir: str) -> list[str]:
     return paths
 
 
+def _cos(value: float) -> str:
+    """Two decimals, without a "-0.00" for a tiny negative value."""
+    return f"{round(value, 2) + 0.0:.2f}"
+
+
 def _pct(value: float) -> str:
     return f"{100.0 * value:.0f} %"
 
@@ -336,10 +347,12 @@ def summary_text(analysis: Mapping[str, Any]) -> str:
         cos = np.array([[_number(v) for v in row] for row in raw], dtype=float)
         pairs = [(cos[a, b], a, b) for a in range(len(models)) for b in range(a + 1, len(models))
                  if not math.isnan(cos[a, b])]
-        if pairs:
+        if len(pairs) == 1:
+            lines.append(f"cosine similarity of the two: {_cos(pairs[0][0])}")
+        elif pairs:
             hi, lo = max(pairs), min(pairs)
-            lines.append(f"most alike: {short[hi[1]]} & {short[hi[2]]} (cosine {hi[0]:.2f}); "
-                         f"least alike: {short[lo[1]]} & {short[lo[2]]} ({lo[0]:.2f})")
+            lines.append(f"most alike: {short[hi[1]]} & {short[hi[2]]} (cosine {_cos(hi[0])}); "
+                         f"least alike: {short[lo[1]]} & {short[lo[2]]} ({_cos(lo[0])})")
     conflict = analysis.get("sign_conflict")
     if isinstance(conflict, Mapping):
         values = [(_number(conflict.get(b)), b) for b in blocks]
