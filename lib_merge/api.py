@@ -93,8 +93,8 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
                   device: str | None = None, progress: ProgressFn | None = None,
                   cancel: CancelToken | None = None, chunk: int | None = None,
                   workers: int | None = None, processes: int | None = None,
-                  protected_paths: Sequence[str] = (), notify: Callable[[str], None] | None = None
-                  ) -> MergeReport:
+                  protected_paths: Sequence[str] = (), notify: Callable[[str], None] | None = None,
+                  stats: bool = True) -> MergeReport:
     """Merge and write a safetensors file atomically; nothing is left behind on failure.
 
     On the CPU, a large merge runs in ``processes`` processes (default: one per
@@ -103,6 +103,8 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
     (a WebUI passes the checkpoint it has loaded), with or without
     ``overwrite``.  ``notify`` gets one-line notes as they happen (stale
     temporary files removed); they are in the report's notes as well.
+    ``stats``: gather the merge statistics (``report.stats``, the analysis
+    JSON's share/kept/elected_agreement); the written bytes are the same either way.
     """
     capped = None
     if processes is not None:
@@ -111,7 +113,7 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
     out_abs = os.path.abspath(out_path)   # checked before any file is opened or hashed
     check_output_target(out_abs, inputs, "an input of this merge")
     check_output_target(out_abs, protected_paths, "which is protected (the checkpoint loaded now)")
-    plan = MergePlan(recipe, out_dtype)
+    plan = MergePlan(recipe, out_dtype, stats=stats)
     try:
         if capped:
             plan.report.notes.append(capped)
@@ -147,10 +149,10 @@ def merge_to_file(recipe: MergeRecipe, out_path: str, out_dtype: str = "fp16", o
 
 def merge_to_memory(recipe: MergeRecipe, out_dtype: str = "fp32", device: str | None = None,
                     progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                    chunk: int | None = None, workers: int | None = None
+                    chunk: int | None = None, workers: int | None = None, stats: bool = True
                     ) -> tuple[dict[str, torch.Tensor], MergeReport]:
-    """Merge into a state dict of CPU tensors (copied keys are fresh tensors too)."""
-    plan = MergePlan(recipe, out_dtype)
+    """Merge into a state dict of CPU tensors (copied keys are fresh tensors too); ``stats`` as merge_to_file."""
+    plan = MergePlan(recipe, out_dtype, stats=stats)
     try:
         state = dict(iter_merge(plan, device, progress, cancel, chunk, own_memory=True, workers=workers))
         return state, plan.report

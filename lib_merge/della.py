@@ -146,3 +146,25 @@ def row_blocks(n: int, m: int, chunk: int) -> list[tuple[int, int]]:
         return []
     step = max(1, chunk // max(m, 1)) * max(m, 1)
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def chunk_stats(theta0: torch.Tensor, thetas: list[torch.Tensor], rows: list[torch.Tensor],
+                gamma: torch.Tensor | None) -> torch.Tensor:
+    """The merge statistics of one block ([4, models] float64, rows as kernels.STAT_*).
+
+    ``rows`` are the dropped, rescaled, trimmed and weighted deltas, ``gamma``
+    the elected signs (None without election).  DELLA's sort dominates its
+    time, so plain tensor ops suffice here.
+    """
+    raw = torch.stack([t.to(torch.float32) for t in thetas]) - theta0.to(torch.float32)
+    taus = torch.stack(rows)
+    out = torch.zeros((4, len(rows)), dtype=torch.float64, device=taus.device)
+    out[1] = (raw != 0).sum(1)
+    out[2] = (taus != 0).sum(1)
+    if gamma is None:
+        out[0] = taus.abs().sum(1, dtype=torch.float64)
+    else:
+        agreeing = (taus * gamma).clamp_min_(0.0)
+        out[0] = agreeing.sum(1, dtype=torch.float64)
+        out[3] = (agreeing > 0).sum(1)
+    return out

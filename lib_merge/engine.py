@@ -93,6 +93,9 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)
     output: str | None = None
     output_bytes: int = 0
+    # the merge statistics (share, kept, elected_agreement per model and block) as the analysis JSON
+    # (lib_merge/analysis/stats.py), when the merge gathered them
+    stats: dict | None = None
 
     def summary(self) -> str:
         lines = [f"{self.method} merge of a {ARCH_NAMES.get(self.arch, self.arch)} model: "
@@ -113,6 +116,9 @@ class MergeReport:
                          f"(e.g. {self.other_keys[0]})")
         lines.extend(self.nonfinite)
         lines.extend(self.notes)
+        if self.stats:
+            from .analysis.stats import summary_line
+            lines.append(summary_line(self.stats))
         return "\n".join(lines)
 
 
@@ -136,8 +142,12 @@ class MergePlan:
     """Opened inputs and a per-key decision, made before any heavy work."""
 
     def __init__(self, recipe: MergeRecipe, out_dtype: str = "fp16",
-                 opener: Callable[[str], Checkpoint] = open_checkpoint) -> None:
-        """``opener`` turns a path into a Checkpoint (the XYZ input cache serves them from memory)."""
+                 opener: Callable[[str], Checkpoint] = open_checkpoint, stats: bool = False) -> None:
+        """``opener`` turns a path into a Checkpoint (the XYZ input cache serves them from memory).
+
+        ``stats``: gather the merge statistics while merging (``report.stats`` at the end); they only
+        read the kernels' blocks, so the result is bit-identical either way.
+        """
         self.notes = recipe.validate()
         self.recipe = recipe.resolved()
         check_weights_float32(self.recipe)
@@ -158,6 +168,16 @@ class MergePlan:
                         if (text := getattr(self.recipe, name))}
         self._check_block_ranges()
         self.tasks = self._plan_keys()
+        self.stats = self._new_stats() if stats else None
+
+    def _new_stats(self):
+        """The statistics' accumulator: whether any key drops or trims (kept is measured), whether signs are elected."""
+        from .analysis.stats import MergeStats
+        merged = [t.params for t in self.tasks if t.action == "merge" and t.params is not None]
+        cuts = self.spec.kind in ("delta", "della") and any(
+            p.p > 0 or p.k < 1.0 or p.beta > 0 for p in merged)
+        elect = self.spec.kind in ("delta", "della") and self.spec.elect
+        return MergeStats(self.arch, len(self.models), counts=cuts, elect=elect)
 
     def _mask_ids(self) -> list[str] | None:
         """Each model's mask identity (content sha256 + occurrence), when this merge draws DARE masks.
@@ -403,6 +423,28 @@ class KeyMerger:
                 model.use_device(self.device)
         self._magnitudes = torch.empty(0, dtype=torch.int32, device=self.device)
 
+    def _key_stats(self, chunks: int, rows: int) -> torch.Tensor | None:
+        """A zeroed [chunks, STAT_FIELDS, rows] float32 block on the merge device (one slot per chunk), or None.
+
+        Each chunk's kernel writes its own slot (float32 sums of at most 2^24
+        elements: counts exact); the key's slots are added in float64 once, at
+        its end, with one transfer per key and no sync per chunk.
+        """
+        if self.plan.stats is None:
+            return None
+        need = max(chunks, 1) * kernels.STAT_FIELDS * rows
+        if getattr(self, "_slots", None) is None or self._slots.numel() < need:   # reused: no allocation per key
+            self._slots = torch.empty(max(need, 1024), dtype=torch.float32, device=self.device)
+        return self._slots[:need].view(max(chunks, 1), kernels.STAT_FIELDS, rows).zero_()
+
+    def _add_key_stats(self, task: KeyTask, slots: torch.Tensor | None) -> None:
+        if slots is None:
+            return
+        sums = slots[0].tolist() if slots.shape[0] == 1 else slots.sum(0, dtype=torch.float64).tolist()
+        if not any(sums[kernels.STAT_NONZERO]):   # no drop/trim at this key: nothing removed, before = after
+            sums[kernels.STAT_NONZERO] = list(sums[kernels.STAT_SURVIVED])
+        self.plan.stats.add_key(task.key, task.models, sums)
+
     def merge(self, task: KeyTask, cancel: CancelToken | None) -> torch.Tensor:
         plan = self.plan
         if task.channel_slice is not None:   # the inpainting input conv: small, read whole
@@ -458,26 +500,34 @@ class KeyMerger:
             alpha = params.alpha
             coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base[0:n], models[0][0:n]), alpha)
         constants = kernels.key_constants(masks, thresholds, weights, self.device, uppers)
+        slots = self._key_stats(-(-n // self.chunk), len(models))
+        chunk_stats = None
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
             stop = min(n, start + self.chunk)
+            if slots is not None:
+                chunk_stats = slots[start // self.chunk]
             theta0 = self._dev(base[start:stop])
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
                 result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
-                                                   thresholds or None, start, constants=constants)
+                                                   thresholds or None, start, constants=constants,
+                                                   stats=chunk_stats)
             elif spec.kind == "weighted_sum":
                 result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
-                                                    constants)
+                                                    constants, stats=chunk_stats)
             elif spec.kind == "lincomb":
                 from .lincomb import lincomb_apply
-                result = lincomb_apply(theta0, thetas, coeffs, params.alpha)
+                result = lincomb_apply(theta0, thetas, coeffs, params.alpha, stats=chunk_stats)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
+                if chunk_stats is not None:   # one model: its share is all of the merged delta
+                    chunk_stats[kernels.STAT_MASS, 0] = (thetas[0].float() - theta0.float()).abs().sum()
             if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
                 self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], result)
             out[start:stop].copy_(result)
+        self._add_key_stats(task, slots)
         return out
 
     def _merge_della(self, task: KeyTask, base, models, weights: list[float], out: torch.Tensor,
@@ -506,7 +556,8 @@ class KeyMerger:
                                       out=self._magnitudes[start:stop])
                 pattern = kth_smallest_pattern(self._magnitudes[:n], kernels.trim_rank(n, params.k))
                 thresholds.append(torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0].to(self.device))
-        for start, stop in blocks:
+        slots = self._key_stats(len(blocks), len(models))
+        for index, (start, stop) in enumerate(blocks):
             if cancel is not None:
                 cancel.check()
             theta0 = self._dev(base[start:stop])
@@ -518,11 +569,14 @@ class KeyMerger:
                 tau = kernels.trim_(taus[t], thresholds[t] if thresholds else None)
                 rows.append(kernels.weigh_(tau, weights[t]))
             gamma = kernels.elect_sign(rows, params.vote_sgn) if params.elect else None
+            if slots is not None:
+                slots[index].copy_(della.chunk_stats(theta0, thetas, rows, gamma))
             result = kernels.add_back(theta0, kernels.disjoint_merge(rows, weights, gamma, params.merge),
                                       params.alpha)
             if not _fits(result, task.dtype):
                 self._nonfinite(task, base[start:stop], [mdl[start:stop] for mdl in models], result)
             out[start:stop].copy_(result)
+        self._add_key_stats(task, slots)
         return out
 
     def _threshold(self, base: torch.Tensor, model: torch.Tensor, mask: kernels.DropMask | None,
@@ -624,6 +678,8 @@ def iter_merge(plan: MergePlan, device: str | None = None, progress: Callable[[P
     finally:
         results.close()
     report.seconds = time.perf_counter() - started
+    if plan.stats is not None:
+        report.stats = plan.stats.to_dict(plan.recipe)
 
 
 def _merged_in_order(plan: MergePlan, device: str, chunk: int | None, cancel: CancelToken | None,

@@ -262,6 +262,19 @@ class Workspace:
             self._extra = torch.empty(self._taus.numel(), dtype=torch.float32, device=self.device)
         return self._extra[:rows * n].view(rows, n)
 
+    def stat_scratch(self, rows: int, n: int) -> torch.Tensor:
+        """A [rows, n] float32 block for the merge statistics, allocated on first use (never when they are off)."""
+        if getattr(self, "_stat", None) is None or self._stat.numel() < rows * n:
+            self._stat = torch.empty(max(self._taus.numel(), rows * n), dtype=torch.float32, device=self.device)
+        return self._stat[:rows * n].view(rows, n)
+
+
+# Rows of the per-chunk statistics a fused kernel writes (see lib_merge/analysis/stats.py):
+# 0 |A_t w_t tau_t| summed, 1 non-zero deltas before drop/trim, 2 after, 3 elements agreeing with the election.
+# A kernel writes only the rows that apply into a zeroed block (rows 1-2 only where drop/trim/election apply).
+STAT_MASS, STAT_NONZERO, STAT_SURVIVED, STAT_AGREE = range(4)
+STAT_FIELDS = 4
+
 
 @dataclass(frozen=True)
 class KeyConstants:
@@ -349,7 +362,7 @@ def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
                       params: DeltaParams, ws: Workspace, masks: Sequence[DropMask | None] | None = None,
                       thresholds: Sequence[torch.Tensor | None] | None = None, start: int = 0,
-                      constants: KeyConstants | None = None) -> torch.Tensor:
+                      constants: KeyConstants | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`delta_merge` with every intermediate in ``ws``; the same bits, fewer passes.
 
     Steps 6-7 use the identity, for gamma in {-1, +1}:
@@ -360,6 +373,11 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     result is bit-identical.  ``constants`` (from :func:`key_constants`) saves
     rebuilding the per-key tensors on every chunk.  Returns a view into ``ws``
     valid until the next call.
+
+    ``stats``, when given, is a zeroed [STAT_FIELDS, models] float32 tensor this
+    chunk's statistics are written into (the merge statistics: they only read
+    the blocks, so the result's bits are the same with or without them).  With
+    no drop/trim, row STAT_NONZERO is left for the caller (it equals STAT_SURVIVED).
     """
     n = theta0.numel()
     rows = len(thetas)
@@ -371,6 +389,13 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     for t, theta_t in enumerate(thetas):
         taus[t].copy_(theta_t)
     taus.sub_(base)                                                               # 1
+    cuts = ((params.p > 0 and constants.salts is not None) or constants.thr_minus_one is not None
+            or constants.upper_plus_one is not None or (thresholds is None and params.k < 1.0))
+    flags = None
+    if stats is not None:   # non-zero flags before (rows 0..) and after (rows rows..) drop/trim: one sum for both
+        flags = ws.stat_scratch(2 * rows, n)
+        if cuts:   # a float compare + a float sum: on the CPU several times cheaper than count_nonzero
+            torch.ne(taus, 0.0, out=flags[:rows])
     whole = None
     if unbiased_applies(params):   # the undropped deltas: how many models agree before the drop (step 8)
         whole = ws.extra(rows, n)
@@ -395,10 +420,18 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
             trim_(taus[t], threshold)
             if whole is not None:
                 trim_(whole[t], threshold)
+    if stats is not None:
+        if cuts:
+            torch.ne(taus, 0.0, out=flags[rows:])
+            torch.sum(flags.view(2, rows, n), 2, out=stats[STAT_NONZERO:STAT_SURVIVED + 1])
+        elif params.elect:   # nothing dropped: before = after (the caller copies it), needed for the agreement
+            torch.sum(torch.ne(taus, 0.0, out=flags[rows:]), 1, out=stats[STAT_SURVIVED])
     if constants.weights is not None:                                             # 4
         taus.mul_(constants.weights)
     total = ws.total[:n]
     if not params.elect:
+        if stats is not None:   # every model counts: |w_t tau_t|
+            torch.sum(torch.abs(taus, out=flags[:rows]), 1, out=stats[STAT_MASS])
         _sum_rows(taus, total)
         if params.merge == "mean":
             total.div_(sum(weights))
@@ -413,9 +446,15 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         torch.mul(taus, gamma, out=agreeing)                                      # 6-7
         agreeing.clamp_min_(0.0)
         _sum_rows(agreeing, total)
+        if stats is not None:   # agreeing = |A_t w_t tau_t|
+            torch.sum(agreeing, 1, out=stats[STAT_MASS])
+            if params.merge != "mean":
+                torch.sum(torch.sign(agreeing, out=flags[:rows]), 1, out=stats[STAT_AGREE])
         if params.merge == "mean":
             count = ws.count[:n]
             agrees = torch.sign(agreeing, out=taus)
+            if stats is not None:
+                torch.sum(agrees, 1, out=stats[STAT_AGREE])
             if constants.weights is not None:
                 agrees.mul_(constants.weights)
             _sum_rows(agrees, count)
@@ -449,13 +488,23 @@ def weighted_sum(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: 
 
 
 def weighted_sum_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
-                       alpha: float, ws: Workspace, constants: KeyConstants | None = None) -> torch.Tensor:
-    """:func:`weighted_sum` with its intermediates in ``ws`` (same bits; a view valid until the next call)."""
+                       alpha: float, ws: Workspace, constants: KeyConstants | None = None,
+                       stats: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`weighted_sum` with its intermediates in ``ws`` (same bits; a view valid until the next call).
+
+    ``stats`` as in :func:`delta_merge_fused`: only the mass row, |w_t (theta_t - theta0)| summed.
+    """
     n = theta0.numel()
     rows = ws.taus(len(thetas), n)
     for t, theta_t in enumerate(thetas):
         rows[t].copy_(theta_t)
     scaled = constants.weights if constants is not None else key_constants(None, None, weights, rows.device).weights
+    if stats is not None:
+        scratch = ws.stat_scratch(len(thetas), n)
+        torch.sub(rows, ws.theta0[:n].copy_(theta0), out=scratch)
+        torch.sum(scratch.abs_(), 1, out=stats[STAT_MASS])
+        if scaled is not None:   # w_t > 0: |w_t tau_t| summed is w_t times |tau_t| summed
+            stats[STAT_MASS].mul_(scaled.view(-1))
     if scaled is not None:
         rows.mul_(scaled)
     total = _sum_rows(rows, ws.total[:n])

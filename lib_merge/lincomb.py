@@ -108,10 +108,16 @@ def geometric_median_coefficients(full_gram: torch.Tensor, weights: Sequence[flo
 
 
 def lincomb_apply(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], coefficients: Sequence[float],
-                  alpha: float) -> torch.Tensor:
-    """theta0 + alpha * sum_t c_t (theta_t - theta0), in float32, models added in order."""
+                  alpha: float, stats: torch.Tensor | None = None) -> torch.Tensor:
+    """theta0 + alpha * sum_t c_t (theta_t - theta0), in float32, models added in order.
+
+    ``stats`` ([4, models] float32, see kernels.STAT_MASS): row 0 gets |c_t delta_t| summed (the merge statistics).
+    """
     base = theta0.to(torch.float32)
     total = torch.zeros_like(base)
-    for theta_t, c in zip(thetas, coefficients):
-        total.add_((theta_t.to(torch.float32) - base).mul_(c))
+    for t, (theta_t, c) in enumerate(zip(thetas, coefficients)):
+        term = (theta_t.to(torch.float32) - base).mul_(c)
+        if stats is not None:
+            stats[0, t] = term.abs().sum()
+        total.add_(term)
     return base + total.mul_(alpha)

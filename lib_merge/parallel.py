@@ -175,7 +175,8 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
     total_bytes = sum(t.nbytes for t in plan.tasks)
     groups = _groups(plan)
     setup = {"recipe": plan.recipe, "out_dtype": plan.out_dtype, "temp_path": writer.temp_path, "out_path": writer.path,
-             "offsets": writer.file_offsets(), "chunk": chunk, "fingerprint": plan_fingerprint(plan)}
+             "offsets": writer.file_offsets(), "chunk": chunk, "fingerprint": plan_fingerprint(plan),
+             "stats": plan.stats is not None}
     inbox: queue.Queue = queue.Queue()
     workers: list[_Worker] = []
     threads_before = torch.get_num_threads()
@@ -184,8 +185,10 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
     done_keys = 0
     done_bytes = 0
 
-    def finished(indices: list[int], nonfinite: list[str]) -> None:
+    def finished(indices: list[int], nonfinite: list[str], stats: dict | None = None) -> None:
         nonlocal done_keys, done_bytes
+        if stats and plan.stats is not None:   # a worker's statistics of these keys
+            plan.stats.add_sums(stats)
         for index in indices:
             task = plan.tasks[index]
             writer.mark_placed(index)
@@ -222,7 +225,7 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
                 raise errors.rebuild(message["error"])
             if "done" in message:
                 worker.outstanding -= 1
-                finished(message["done"], message.get("nonfinite", []))
+                finished(message["done"], message.get("nonfinite", []), message.get("stats"))
             feed(worker)
 
     success = False
@@ -255,6 +258,8 @@ def write_parallel(plan: MergePlan, writer: SafetensorsWriter, processes: int,
             worker.stop(graceful=success)
         torch.set_num_threads(threads_before)
     report.seconds = time.perf_counter() - started
+    if plan.stats is not None:
+        report.stats = plan.stats.to_dict(plan.recipe)
 
 
 # ----------------------------------------------------------------------------- the child side
@@ -299,7 +304,7 @@ def worker_main() -> None:
     try:
         lines = iter(sys.stdin.buffer.readline, b"")
         setup = pickle.loads(base64.b64decode(json.loads(next(lines))["setup"]))
-        plan = MergePlan(setup["recipe"], _dtype_name(setup["out_dtype"]))
+        plan = MergePlan(setup["recipe"], _dtype_name(setup["out_dtype"]), stats=bool(setup.get("stats")))
         if plan_fingerprint(plan) != setup["fingerprint"]:
             raise errors.MergeError("internal: a worker process planned the merge differently")
         merger = KeyMerger(plan, "cpu", setup["chunk"])
@@ -307,7 +312,7 @@ def worker_main() -> None:
         for line in lines:
             group = json.loads(line)["keys"]
             nonfinite = merge_group(plan, merger, group, fd, setup["offsets"], None)
-            say({"done": group, "nonfinite": nonfinite})
+            say({"done": group, "nonfinite": nonfinite, "stats": plan.stats.take() if plan.stats is not None else None})
     except _ParentGone:
         parent_gone = True
     except BaseException as exc:  # every failure goes back to the parent, which reports it
