@@ -63,11 +63,23 @@ def split_family(module: str) -> tuple[str, str] | None:
     return None
 
 
+_MOST_DOTS = max(suffix.count(".") for suffix in _PARTS)
+
+
 def _split_key(key: str) -> tuple[str, str, str] | None:
-    for suffix in _SUFFIXES:
-        if key.endswith(suffix) and len(key) > len(suffix):
-            kind, part = _PARTS[suffix]
-            return key[:-len(suffix)], kind, part
+    """(module, kind, part) by the longest known suffix; each suffix is whole dot-separated segments, so the
+    last 3, 2, 1 segments are looked up (a dict probe each: a LoRA has tens of thousands of keys)."""
+    dot = len(key)
+    cuts = []
+    for _ in range(_MOST_DOTS):
+        dot = key.rfind(".", 0, dot)
+        if dot <= 0:
+            break
+        cuts.append(dot)
+    for dot in reversed(cuts):
+        found = _PARTS.get(key[dot:])
+        if found is not None:
+            return key[:dot], found[0], found[1]
     return None
 
 
