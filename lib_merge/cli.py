@@ -23,12 +23,11 @@ from .recipe import (DEFAULT_SEED, OUTPUT_DTYPES, RECIPE_METADATA_KEY, MergeReci
                      verify_input_hashes, with_overrides)
 
 
-def _merge_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="merge checkpoints into a new .safetensors file",
-                       description="Merge a base and N models with DARE/TIES and write a safetensors file.")
+def _recipe_flags(p: argparse.ArgumentParser, models_help: str, method_default: str) -> None:
+    """The recipe's flags, shared by ``merge`` and ``analyze`` (the same names, ranges and defaults)."""
     p.add_argument("--base", help="base checkpoint (theta0)")
-    p.add_argument("--models", nargs="+", metavar="FILE", help="models to merge into the base")
-    p.add_argument("--method", help=f"one of: {', '.join(METHODS)} (default dare_ties_soup)")
+    p.add_argument("--models", nargs="+", metavar="FILE", help=models_help)
+    p.add_argument("--method", help=f"one of: {', '.join(METHODS)} ({method_default})")
     p.add_argument("--p", type=float, help="DARE drop rate, 0 <= p < 1 (default: the method's preset)")
     p.add_argument("--k", type=float, help="TIES keep fraction, 0 < k <= 1")
     p.add_argument("--alpha", type=float, help="weight of the merged delta, -1..2")
@@ -56,6 +55,12 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip keys whose shapes differ instead of failing")
     p.add_argument("--allow-nonfinite", action=argparse.BooleanOptionalAction, default=None,
                    help="write a result even if it holds NaN/Inf")
+
+
+def _merge_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints into a new .safetensors file",
+                       description="Merge a base and N models with DARE/TIES and write a safetensors file.")
+    _recipe_flags(p, "models to merge into the base", "default dare_ties_soup")
     p.add_argument("--device", help="compute device: cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="CPU merges: processes to use (default: one per core; 1 = a single process; "
@@ -71,6 +76,25 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
                    help="re-run the recipe stored in a merged checkpoint; flags given with it override it")
     p.add_argument("--ignore-hash", action="store_true",
                    help="with --recipe: merge even if an input's sha256 differs from the one recorded")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="task-vector norms, similarity, sign conflicts (and a merge's shares) as "
+                                       "analysis.json and PNG plots",
+                       description="Measure what the models change relative to the base, per block: the size of "
+                                   "each task vector, how alike they are, where their signs fight; with --method "
+                                   "(or --recipe), also what that merge keeps of each model. Writes "
+                                   "DIR/analysis.json and PNG plots into --out DIR; nothing else is written.")
+    _recipe_flags(p, "models to analyse against the base (checkpoints or LoRA files)",
+                  "default: none, only the inputs are analysed")
+    p.add_argument("--device", help="compute device: cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--out", metavar="DIR", help="folder for analysis.json and the plots (created if missing)")
+    p.add_argument("--no-plots", action="store_true", help="write analysis.json only")
+    p.add_argument("--recipe", metavar="FILE",
+                   help="analyse the merge recorded in a merged checkpoint; flags given with it override it")
+    p.add_argument("--ignore-hash", action="store_true",
+                   help="with --recipe: analyse even if an input's sha256 differs from the one recorded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -207,6 +231,102 @@ def cmd_merge(a: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(report.summary())
     return 0
+
+
+def _progress_bar(quiet: bool, desc: str):
+    """A Progress callback drawing a tqdm bar from the first key on, and a function closing it."""
+    bar = None
+
+    def progress(ev: Progress) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:  # created at the first key, so refused inputs print only the error line
+            from tqdm import tqdm
+            bar = tqdm(total=ev.bytes_total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, mininterval=0.5)
+        bar.update(ev.bytes_done - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return progress, close
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from .analysis import analyze, write_analysis
+    device = check_device(a.device) if a.device else default_device()
+    if not a.out:
+        raise ParameterError(f"give --out DIR, the folder for analysis.json and the plots (see {_prog()} analyze --help)")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ParameterError(f"--out {a.out}: exists and is not a folder")
+    a.dtype = None
+    with_merge = bool(a.method or a.recipe)
+    knobs = [("--lambda" if attr == "lam" else "--" + attr.replace("_", "-")) for attr in _RECIPE_FLAGS
+             if attr not in ("base", "models", "method", "skip_mismatched") and getattr(a, attr) is not None]
+    if knobs and not with_merge:
+        raise ParameterError(f"{', '.join(knobs)} describe{'s' if len(knobs) == 1 else ''} a merge: give --method "
+                             "too (the merge to analyse), or leave them out to analyse the inputs alone")
+    if with_merge:
+        recipe, _ = _recipe_from_args(a)
+        base, models = None, None
+    else:
+        if not a.base or not a.models:
+            raise MergeError("--base and --models are required (or --recipe FILE)")
+        recipe, base, models = None, a.base, a.models
+    on_mismatch = "skip" if a.skip_mismatched else "error"
+    cancel = CancelToken()
+    progress, close = _progress_bar(a.quiet, "analysing")
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        result = analyze(base, models, recipe, device=device, progress=progress, cancel=cancel,
+                         on_mismatch=on_mismatch)
+    except KeyboardInterrupt:
+        raise MergeCancelled("analysis cancelled; nothing was written") from None
+    finally:
+        close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    try:
+        path = write_analysis(result, a.out)
+    except OSError as exc:
+        raise MergeError(f"cannot write analysis.json: {exc.strerror or exc}", a.out) from None
+    print(f"wrote {path}")
+    print(_analysis_summary(result))
+    if a.no_plots:
+        return 0
+    try:
+        from .analysis.plots import write_plots
+    except ImportError as exc:   # matplotlib missing: the JSON is still there
+        print(f"note: no plots ({exc}); install matplotlib to draw them", file=sys.stderr)
+        return 0
+    for plot in write_plots(result, a.out):
+        print(f"wrote {plot}")
+    return 0
+
+
+def _analysis_summary(result: dict) -> str:
+    """A few lines for the terminal: each model's task-vector size, the most alike pair, the share of a merge."""
+    names = result["models"]
+    lines = [f"{len(names)} model{'s' if len(names) != 1 else ''} against {result['base']} ({result['arch'].upper()}):"]
+    for i, name in enumerate(names):
+        line = f"  {name}: task vector norm {result['whole_norm'][name]:.4g}"
+        share = (result.get("overall_share") or {}).get(name)
+        if share is not None:
+            line += f", {share * 100:.0f}% of the merged delta"
+        lines.append(line)
+    pairs = [(result["cosine"][i][j], names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))
+             if result["cosine"][i][j] is not None]
+    if pairs:
+        cos, first, second = max(pairs)
+        lines.append(f"  most alike: {first} and {second} (cosine {cos:.3f})")
+    conflicts = {b: v for b, v in result["sign_conflict"].items() if v is not None}
+    if conflicts:
+        block = max(conflicts, key=conflicts.get)
+        lines.append(f"  signs fight most in {block}: {conflicts[block] * 100:.0f}% of the elements two or more "
+                     "models change")
+    return "\n".join(lines)
 
 
 def _terminate(signum, frame) -> None:
@@ -352,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Strict DARE/TIES checkpoint merging for Stable Diffusion.")
     sub = parser.add_subparsers(dest="command", required=True)
     _merge_parser(sub)
+    _analyze_parser(sub)
     p = sub.add_parser("inspect", help="architecture, components, dtypes and stored recipe of a checkpoint")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -390,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"merge": cmd_merge, "inspect": cmd_inspect, "synth": cmd_synth, "ui": cmd_ui,
+    handlers = {"merge": cmd_merge, "analyze": cmd_analyze, "inspect": cmd_inspect, "synth": cmd_synth, "ui": cmd_ui,
                 "selftest": cmd_selftest}
     try:
         return handlers[args.command](args)

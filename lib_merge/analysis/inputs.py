@@ -39,11 +39,12 @@ ELEMENTS_PER_READ = 1 << 22   # elements of one chunk over all N models' rows: 1
 def analyze(base: str | None = None, models: Sequence[str] | None = None, recipe: MergeRecipe | None = None,
             device: str = "cpu", progress: Callable[[Progress], None] | None = None,
             cancel: CancelToken | None = None, out_dtype: str = "fp16",
-            opener: Callable[[str], Checkpoint] = open_checkpoint) -> dict:
+            opener: Callable[[str], Checkpoint] = open_checkpoint, on_mismatch: str = "error") -> dict:
     """The analysis JSON (a dict of plain types) of ``base`` + ``models``, and of ``recipe``'s merge if given.
 
     ``base``/``models`` default to the recipe's; given with a recipe they replace its inputs.
-    Without a recipe only the inputs are measured (delta_norm, whole_norm, cosine, sign_conflict).
+    Without a recipe only the inputs are measured (delta_norm, whole_norm, cosine, sign_conflict);
+    ``on_mismatch`` ("error" or "skip": leave out a model's keys whose shape differs) applies then.
     ``progress`` is called after each key of each pass (the keys of both passes counted in its totals);
     ``cancel`` stops within one chunk (MergeCancelled).  Bad input raises the engine's one-line errors.
     """
@@ -56,7 +57,7 @@ def analyze(base: str | None = None, models: Sequence[str] | None = None, recipe
     models = list(models) if models is not None else list(recipe.models)
     # the inputs are read as a merge reads them; every float key of UNet, text encoders and VAE counts
     probe = MergeRecipe("add_difference", base, models, vae="merge",
-                        on_mismatch=recipe.on_mismatch if recipe is not None else "error")
+                        on_mismatch=recipe.on_mismatch if recipe is not None else on_mismatch)
     plan = MergePlan(probe, "fp32", opener=opener)
     merge_plan = None
     try:
