@@ -80,19 +80,27 @@ class FolderHost(TabHost):
         self.refresh()
 
     def refresh(self) -> None:
-        titles = []
+        """Checkpoints first, then the LoRAs of the folder marked "LoRA: " (recognised by content)."""
+        from ..lora.listing import is_lora_file, lora_title
+        titles, loras = [], []
         for root, dirs, files in os.walk(self.models_dir):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in files:
                 if name.lower().endswith(CHECKPOINT_SUFFIXES) and not name.startswith("."):
-                    rel = os.path.relpath(os.path.join(root, name), self.models_dir)
-                    titles.append(rel.replace(os.sep, "/"))
-        self._titles = sorted(titles, key=str.lower)
+                    path = os.path.join(root, name)
+                    if name.lower().endswith(".safetensors") and is_lora_file(path):
+                        loras.append(lora_title(self.models_dir, path))
+                    else:
+                        titles.append(os.path.relpath(path, self.models_dir).replace(os.sep, "/"))
+        self._titles = sorted(titles, key=str.lower) + sorted(loras, key=str.lower)
 
     def list_checkpoints(self) -> list[str]:
         return list(self._titles)
 
     def resolve(self, title: str) -> str:
+        from ..lora.listing import LORA_MARK
+        if title.startswith(LORA_MARK):
+            title = title[len(LORA_MARK):]
         path = os.path.normpath(os.path.join(self.models_dir, title))
         if os.path.commonpath([path, self.models_dir]) != self.models_dir:
             from ..errors import CheckpointError

@@ -24,6 +24,7 @@ from .texts import error_text, inspect_text, merged_text, progress_text
 from ..arch import BLOCK_PRESETS, block_preset
 from ..checkpoint import open_checkpoint
 from ..errors import MergeError, OutputError
+from ..lora.listing import base_choices   # a LoRA is never a base: left out of the base list
 from ..methods import METHODS
 from ..recipe import OUTPUT_DTYPES, MergeRecipe
 from ..names import check_save_name
@@ -128,7 +129,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
         with gr.Row(elem_id="dare_merge_layout"):
             with gr.Column(scale=3, elem_id="dare_merge_left"):
                 with gr.Row(elem_id="dare_merge_base_row"):
-                    base = gr.Dropdown(choices=titles, value=None, label="Base checkpoint",
+                    base = gr.Dropdown(choices=base_choices(titles), value=None, label="Base checkpoint",
                                        elem_id="dare_merge_base", scale=8)
                     base_refresh = gr.Button(REFRESH, elem_id="dare_merge_base_refresh", scale=0, min_width=48,
                                              elem_classes=["dare_merge_tool"])
@@ -252,7 +253,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
         def refresh_lists(base_v, models_v, inspect_v):
             host.refresh()
             choices = host.list_checkpoints()
-            return (compat.dropdown_update(choices, base_v), compat.dropdown_update(choices, models_v, True),
+            return (compat.dropdown_update(base_choices(choices), base_v), compat.dropdown_update(choices, models_v, True),
                     compat.dropdown_update(choices, inspect_v))
 
         for button in (base_refresh, models_refresh, inspect_refresh):
@@ -369,7 +370,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
             choices = host.list_checkpoints()
             size = os.path.getsize(path) / 1e9
             yield (f"saved {path} ({dtype_v}, {size:.2f} GB; {how})\n{session.result.report.summary()}",
-                   compat.dropdown_update(choices, base_v), compat.dropdown_update(choices, models_v, True),
+                   compat.dropdown_update(base_choices(choices), base_v), compat.dropdown_update(choices, models_v, True),
                    compat.dropdown_update(choices, inspect_v))
 
         save.click(on_save,
@@ -405,7 +406,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 yield (error_text(exc), *keep)
                 return
             choices = host.list_checkpoints()
-            yield ("\n".join(extract.lines()), compat.dropdown_update(choices, base_v),
+            yield ("\n".join(extract.lines()), compat.dropdown_update(base_choices(choices), base_v),
                    compat.dropdown_update(choices, models_v, True), compat.dropdown_update(choices, inspect_v))
 
         save_lora.click(on_save_lora,

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, TypeVar
 
 from ..engine import Progress
 from ..errors import CheckpointError, MergeError
+from ..lora.listing import LORA_MARK, LoraFile, find_lora_in, lora_files_in, lora_folder_for
 from ..ui.host import TabHost
 
 T = TypeVar("T")
@@ -116,57 +117,33 @@ def find_checkpoint(title_or_path: str):
 
 
 # -- LoRAs (issue 11): listed beside the checkpoints, marked, resolved from the Lora folder ------------
+# The logic is lib_merge.lora.listing (plain values, tested without a WebUI); here only the settings are read.
 
-LORA_MARK = "LoRA: "
-LORA_SUFFIXES = (".safetensors",)
-
-
-class LoraInfo:
-    """A LoRA file as the tab and the HTTP API name it: ``title`` ("LoRA: sub/name.safetensors"), ``filename``."""
-
-    def __init__(self, title: str, filename: str) -> None:
-        self.title, self.filename = title, filename
-        self.name = title[len(LORA_MARK):]
+LoraInfo = LoraFile
 
 
 def lora_dir() -> str:
     """The WebUI's Lora folder: ``--lora-dir``, else models/Lora (where its built-in Lora extension looks)."""
     from modules import paths, shared
-    given = getattr(shared.cmd_opts, "lora_dir", None)
-    return os.path.abspath(given or os.path.join(paths.models_path, "Lora"))
+    return lora_folder_for(getattr(shared.cmd_opts, "lora_dir", None), paths.models_path)
 
 
-def lora_infos() -> list[LoraInfo]:
-    """Every .safetensors under the Lora folder (what the file holds is checked when it is merged)."""
+def lora_infos() -> list[LoraFile]:
+    """The LoRAs in the Lora folder, recognised by content (a checkpoint or a broken file there is left out)."""
     try:
         folder = lora_dir()
     except Exception:   # no Lora folder setting in this host: no LoRAs listed
         return []
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(LORA_SUFFIXES) and not name.startswith("."):
-                path = os.path.join(root, name)
-                found.append(LoraInfo(LORA_MARK + os.path.relpath(path, folder).replace(os.sep, "/"), path))
-    return found
+    return lora_files_in(folder)
 
 
 def lora_titles() -> list[str]:
     return [info.title for info in lora_infos()]
 
 
-def find_lora(title: str) -> LoraInfo:
+def find_lora(title: str) -> LoraFile:
     """The LoRA shown as ``title`` ("LoRA: name.safetensors", or without the folder or the suffix)."""
-    wanted = title[len(LORA_MARK):].strip() if title.startswith(LORA_MARK) else title.strip()
-    infos = lora_infos()
-    for info in infos:
-        if info.name == wanted:
-            return info
-    matches = [i for i in infos if os.path.splitext(os.path.basename(i.name))[0] == os.path.splitext(wanted)[0]]
-    if len(matches) == 1:
-        return matches[0]
-    raise CheckpointError(f"no such LoRA in the Lora folder {lora_dir()} (refresh the list?)", title)
+    return find_lora_in(lora_infos(), title, lora_dir())
 
 
 def refresh_loras() -> None:

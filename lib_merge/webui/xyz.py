@@ -41,6 +41,7 @@ import time
 
 from .. import webui as dare_merge
 from ..input_cache import session_reads_from
+from ..lora.listing import base_choices, resolve_pasted_names
 from ..recipe import MergeRecipe
 from ..xyz_axes import (AXES, AXES_BY_FIELD, INFOTEXT_KEYS, LABEL_PREFIX, apply_overrides, has_recipe,
                         recipe_fields_from_infotext, recipe_infotext, resolve_names, split_csv, with_override)
@@ -414,13 +415,13 @@ def on_infotext_pasted(infotext: str, params: dict) -> None:
         return
     titles = checkpoint_titles()
     if "base" in fields:
-        (base,) = resolve_names([fields["base"]], titles)
+        (base,) = resolve_names([fields["base"]], base_choices(titles))
         if base is None:
             log(f"pasted infotext: base checkpoint {fields['base']!r} is not in the checkpoint list")
         else:
             params[PASTED_BASE] = base
     if "models" in fields:
-        found = resolve_names(fields["models"], titles)
+        found = resolve_pasted_names(fields["models"], titles)   # LoRAs too ("ink" -> "LoRA: ink.safetensors")
         missing = [name for name, title in zip(fields["models"], found) if title is None]
         if missing:
             log(f"pasted infotext: not in the checkpoint list: {', '.join(missing)}")

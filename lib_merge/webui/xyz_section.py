@@ -7,6 +7,7 @@ order ``before_process`` receives their values in.
 """
 from __future__ import annotations
 
+from ..lora.listing import base_choices
 from ..methods import METHODS
 from ..ui.form import SLIDER_RANGES
 from ..xyz_axes import INFOTEXT_BASE, INFOTEXT_KEYS, INFOTEXT_MODELS, has_recipe
@@ -31,7 +32,7 @@ def build_section(script, is_img2img: bool) -> list:
     with InputAccordion(False, label="DARE Merge", elem_id=eid("enabled")) as enabled:
         use_tab = gr.Checkbox(value=False, label="Use the DARE Merge tab's current recipe", elem_id=eid("use_tab"))
         with gr.Row():
-            base = gr.Dropdown(choices=titles, value=None, label="Base checkpoint", elem_id=eid("base"))
+            base = gr.Dropdown(choices=base_choices(titles), value=None, label="Base checkpoint", elem_id=eid("base"))
             models = gr.Dropdown(choices=titles, value=[], multiselect=True, label="Models to merge",
                                  elem_id=eid("models"))
             refresh = ToolButton(value="\U0001f504", elem_id=eid("refresh"))
@@ -59,7 +60,8 @@ def build_section(script, is_img2img: bool) -> list:
         host.refresh_checkpoints()
         host.refresh_loras()
         choices = checkpoint_titles()
-        return (gr.update(choices=choices, value=base_v if base_v in choices else None),
+        bases = base_choices(choices)   # a LoRA is never a base
+        return (gr.update(choices=bases, value=base_v if base_v in bases else None),
                 gr.update(choices=choices, value=[m for m in (models_v or []) if m in choices]))
 
     refresh.click(refresh_lists, inputs=[base, models], outputs=[base, models])
