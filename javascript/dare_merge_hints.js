@@ -52,7 +52,17 @@ const dareMergeTitles = /* BEGIN TITLES */ {
     "dare_merge_inspect_file": "Checkpoint to inspect",
     "dare_merge_inspect_refresh": "Re-scan the checkpoint folder",
     "dare_merge_inspect_button": "Show the architecture, components, dtypes and stored merge recipe",
-    "dare_merge_inspect_output": "Summary of the inspected checkpoint"
+    "dare_merge_inspect_output": "Summary of the inspected checkpoint",
+    "dare_merge_analysis": "Plots of what each model changes, where they disagree, and what the merge keeps of each",
+    "dare_merge_analyse": "Analyse the base, models and knobs picked above (about as long as a merge); generation waits",
+    "dare_merge_analysis_cancel": "Stop the running analysis",
+    "dare_merge_analysis_summary": "The analysis in a few lines: biggest change, most alike models, worst conflict, shares",
+    "dare_merge_analysis_json": "The analysis numbers as JSON (the same file python -m lib_merge analyze writes)",
+    "dare_merge_analysis_norms": "Brighter = the model changed that block more; dark blocks barely change, so weights there do little",
+    "dare_merge_analysis_cosine": "1 = two models changed weights the same way, 0 = unrelated, -1 = opposite",
+    "dare_merge_analysis_conflict": "Share of changed weights where the models push opposite ways; TIES' sign vote decides there",
+    "dare_merge_analysis_share": "How the merged change of each block splits between the models",
+    "dare_merge_analysis_kept": "Fraction of each model's changed weights left after the random drop (p) and the trim (k)"
 } /* END TITLES */;
 
 function dareMergeApplyTitles() {

@@ -79,7 +79,7 @@ class MergeSession:
     # -- merge
     def merge(self, recipe: MergeRecipe, dtype: str = "fp16", device: str | None = None,
               hot_load: bool = True, progress: Callable[[Progress], None] | None = None,
-              inputs: dict[str, dict] | None = None) -> MergeResult:
+              inputs: dict[str, dict] | None = None, stats: bool = False) -> MergeResult:
         """Merge into memory (and hot-load when a loader is present); one merge at a time.
 
         The device is resolved by :func:`~lib_merge.devices.resolve_merge_device`
@@ -88,13 +88,15 @@ class MergeSession:
         :attr:`out_of_memory_hooks` and ``empty_cache()`` gave the memory back;
         the report says so in one line with advice.  Nothing is hot-loaded
         before the merge has succeeded, so a failure leaves the model as it was.
+        ``stats``: gather the merge's statistics (share, kept, agreement) in the same pass, as
+        ``result.report.stats`` (what the tab's Analysis panel and the HTTP answer show).
         """
         with self.lock:
             self.cancel_token = CancelToken()
             started = time.perf_counter()
             target = resolve_merge_device(device or self.device)
             try:
-                plan, state = self._merge_with_fallback(recipe, dtype, target.device, progress)
+                plan, state = self._merge_with_fallback(recipe, dtype, target.device, progress, stats)
             finally:
                 self.cancel_token = None
             if target.note:
@@ -111,19 +113,20 @@ class MergeSession:
             return result
 
     def _merge_once(self, recipe: MergeRecipe, dtype: str, device: str,
-                    progress: Callable[[Progress], None] | None) -> tuple[MergePlan, dict[str, torch.Tensor]]:
-        plan = MergePlan(recipe, dtype, opener=self.opener)
+                    progress: Callable[[Progress], None] | None, stats: bool = False
+                    ) -> tuple[MergePlan, dict[str, torch.Tensor]]:
+        plan = MergePlan(recipe, dtype, opener=self.opener, stats=stats)
         try:
             return plan, dict(iter_merge(plan, device, progress, self.cancel_token, own_memory=True))
         finally:
             plan.close()
 
     def _merge_with_fallback(self, recipe: MergeRecipe, dtype: str, device: str,
-                             progress: Callable[[Progress], None] | None
+                             progress: Callable[[Progress], None] | None, stats: bool = False
                              ) -> tuple[MergePlan, dict[str, torch.Tensor]]:
         failure = None
         try:
-            return self._merge_once(recipe, dtype, device, progress)
+            return self._merge_once(recipe, dtype, device, progress, stats)
         except (*OUT_OF_MEMORY_ERRORS, RuntimeError) as exc:
             if torch.device(device).type == "cpu" or not is_out_of_memory(exc):
                 raise
@@ -132,7 +135,7 @@ class MergeSession:
         for hook in list(self.out_of_memory_hooks):
             hook()
         empty_cache(device)
-        plan, state = self._merge_once(recipe, dtype, "cpu", progress)
+        plan, state = self._merge_once(recipe, dtype, "cpu", progress, stats)
         plan.report.notes.append(
             f"out of memory on {device} ({failure}); merged on the CPU instead: the result is the same. To merge "
             "on the GPU, free VRAM (--medvram/--lowvram), lower the X/Y/Z GPU cache budget, or choose the cpu "

@@ -19,6 +19,7 @@ from .form import (DEFAULT_METHOD, FORM_FIELDS, MERGE_MODES, PRESET_ORDER, PRESE
                    SLIDER_RANGES, FormValues, clamp_knob, extra_preset_values, knob_is_live, method_name,
                    preset_values)
 from .host import TabHost
+from .analysis_panel import build_analysis
 from .selftest_panel import build_selftest
 from .texts import error_text, inspect_text, merged_text, progress_text
 from ..arch import BLOCK_PRESETS, block_preset
@@ -248,6 +249,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                     skip_mismatched=skip_mismatched, epsilon=epsilon, beta=beta, rescale=rescale)
         form_inputs = [form[name] for name in FORM_FIELDS]
         lists = [base, models, inspect_file]
+        analysis = build_analysis(host, form_inputs, device, checked_recipe)   # full width, below the form
 
         # -- checkpoint lists
         def refresh_lists(base_v, models_v, inspect_v):
@@ -298,7 +300,8 @@ def build_tab(host: TabHost) -> gr.Blocks:
 
             def work(progress):
                 return host.run_exclusive(lambda: session.merge(
-                    recipe, dtype=precision_v, device=device_v, hot_load=do_hot_load, progress=progress))
+                    recipe, dtype=precision_v, device=device_v, hot_load=do_hot_load, progress=progress,
+                    stats=True))   # the Analysis panel shows them after the merge
 
             for text, result, error in _stream(host, work, what):
                 if error is not None:
@@ -324,7 +327,7 @@ def build_tab(host: TabHost) -> gr.Blocks:
                 yield merged_text(result, hot), name_update
 
         run.click(on_merge, inputs=[*form_inputs, device, precision, hot_load, save_name],
-                  outputs=[status, save_name])
+                  outputs=[status, save_name]).then(analysis.after_merge, inputs=None, outputs=analysis.outputs)
 
         def on_cancel():
             return "cancelling… the merge stops within one key" if host.session.cancel() else "nothing is running"

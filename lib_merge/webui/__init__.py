@@ -73,12 +73,14 @@ def get_host() -> host.WebUIHost:
 
 
 def merge_or_reuse(recipe: MergeRecipe, dtype: str, device: str, hot_load: bool,
-                   progress: Callable[[Progress], None] | None = None) -> tuple[MergeResult, bool]:
+                   progress: Callable[[Progress], None] | None = None, stats: bool = False
+                   ) -> tuple[MergeResult, bool]:
     """Merge, unless the session's in-memory result is this recipe (same hash, same dtype) already.
 
     Returns (result, reused).  With ``hot_load`` the result ends up in the
     running model either way (loaded again only if it is not there).  The
-    caller holds the queue lock, or runs inside a generation.
+    caller holds the queue lock, or runs inside a generation.  ``stats``: the merge gathers its
+    statistics (``report.stats``); a reused result keeps those it has.
     """
     session = get_session()
     loader = session.hot_loader
@@ -99,7 +101,8 @@ def merge_or_reuse(recipe: MergeRecipe, dtype: str, device: str, hot_load: bool,
             progress(event)
 
     def merge_on(where: str) -> MergeResult:
-        return session.merge(recipe, dtype=dtype, device=where, hot_load=hot_load, progress=report, inputs=inputs)
+        return session.merge(recipe, dtype=dtype, device=where, hot_load=hot_load, progress=report, inputs=inputs,
+                             stats=stats)
 
     try:
         result = merge_on(device)

@@ -32,6 +32,13 @@ the base as a kohya LoRA into the Lora folder, at ``lora_rank`` (default 32; ``l
 convs, default the same); the answer's ``saved_lora`` gives its path, title, modules and worst
 retained energy.
 
+``POST /dare-merge/v1/analyze`` takes the same ``base``, ``models``, ``method`` and knob fields (plus
+``device`` and ``task_id``) and answers the analysis JSON of ``lib_merge.analysis`` (issue 13): per block
+the norm of each model's change, the cosine matrix, the sign conflict, and with a ``method`` the merge's
+share/kept/elected agreement.  Without ``method`` it analyses the inputs alone.  The merge's answer carries
+the same statistics, gathered during the merge, as ``"stats"`` (null when the merge gathered none).
+``/cancel`` stops a running analysis too.
+
 The merge waits for the WebUI's queue lock (so never runs during a
 generation), merges are serialised, and errors come back as
 ``{"error": "<one line naming the file/key>", "type": "<ErrorClass>"}`` with
@@ -157,7 +164,7 @@ def merge(payload: dict) -> dict:
     task_id = payload.get("task_id") or None
     with host.exclusive("DARE merge (API)", task_id=str(task_id) if task_id else None) as waited:
         started = time.time()
-        result, reused = merge_or_reuse(recipe, dtype, device, hot_load)
+        result, reused = merge_or_reuse(recipe, dtype, device, hot_load, stats=True)
         saved = session.save(save_name, save_dtype, overwrite, recipe) if save else None
         saved_lora = _save_lora(recipe, lora_target, lora_ranks, device, overwrite) if lora_target else None
         finished = time.time()
@@ -168,7 +175,53 @@ def merge(payload: dict) -> dict:
             "seconds": round(result.report.seconds, 3), "device": result.report.device, "dtype": dtype,
             "waited_s": round(waited, 3), "requested_at": requested, "started_at": started,
             "finished_at": finished, "loaded_model": loader.loaded_title(),
-            "recipe": result.recipe.params_dict()}
+            "recipe": result.recipe.params_dict(), "stats": merge_stats(result)}
+
+
+def merge_stats(result) -> dict | None:
+    """The statistics the merge gathered while it ran (analysis-JSON shape), or None."""
+    stats = getattr(getattr(result, "report", None), "stats", None)
+    return stats if isinstance(stats, dict) else None
+
+
+ANALYZE_OPTIONS = ("base", "models", "device", "task_id")
+_analysis_token: dict = {"cancel": None}
+
+
+def analyze(payload: dict) -> dict:
+    """The body of ``POST /analyze``: the analysis JSON; MergeError subclasses for the user's mistakes."""
+    if not isinstance(payload, dict):
+        raise ParameterError("the request body must be a JSON object")
+    unknown = sorted(set(payload) - set(RECIPE_FIELDS) - set(ANALYZE_OPTIONS))
+    if unknown:
+        raise ParameterError(f"unknown field(s) for analyze: {', '.join(unknown)}")
+    with_method = payload.get("method") not in (None, "")
+    recipe = recipe_from_payload(payload)
+    device = _choice(payload.get("device"), ("cpu", "cuda"), host.merge_device, "device")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ParameterError("CUDA is not available in this WebUI; use device cpu or auto")
+        device = host.resolve_device("cuda", host.webui_device()).device
+    from ..analysis import analyze as run_analyze
+    from ..engine import CancelToken
+    task_id = payload.get("task_id") or None
+    token = CancelToken()
+    with host.exclusive("DARE analysis (API)", task_id=str(task_id) if task_id else None):
+        _analysis_token["cancel"] = token
+        try:
+            return run_analyze(recipe.base, list(recipe.models), recipe if with_method else None, device=device,
+                               progress=lambda event: host.mirror_progress(event, token.cancel), cancel=token)
+        finally:
+            _analysis_token["cancel"] = None
+
+
+def cancel_analysis() -> bool:
+    token = _analysis_token["cancel"]
+    if token is None:
+        return False
+    token.cancel()
+    return True
 
 
 def _lora_request(payload: dict, overwrite: bool) -> tuple[str | None, tuple[int, int | None]]:
@@ -266,12 +319,16 @@ def register(app) -> None:
         return _guard(restore)
 
     def cancel_route():
-        return {"cancelled": get_session().cancel()}
+        return {"cancelled": bool(get_session().cancel() | cancel_analysis())}
+
+    def analyze_route(payload: dict = Body(...)):
+        return _guard(analyze, payload)
 
     app.add_api_route(f"{PREFIX}/merge", merge_route, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/status", status_route, methods=["GET"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/restore", restore_route, methods=["POST"], dependencies=deps)
     app.add_api_route(f"{PREFIX}/cancel", cancel_route, methods=["POST"], dependencies=deps)
+    app.add_api_route(f"{PREFIX}/analyze", analyze_route, methods=["POST"], dependencies=deps)
     if test_hooks_enabled():
         def fault_route(payload: dict = Body(...)):
             return _guard(lambda: (FAULTS.arm(int(payload.get("after", 100))), {"armed": True})[1])
@@ -279,4 +336,4 @@ def register(app) -> None:
         app.add_api_route(f"{PREFIX}/test/fail-next-hot-load", fault_route, methods=["POST"], dependencies=deps)
 
 
-__all__ = ["register", "merge", "restore", "recipe_from_payload", "auth_dependencies", "api_enabled", "PREFIX"]
+__all__ = ["register", "merge", "analyze", "merge_stats", "restore", "recipe_from_payload", "auth_dependencies", "api_enabled", "PREFIX"]
