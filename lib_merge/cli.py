@@ -64,7 +64,7 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="compute device: cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--processes", type=int, default=None, metavar="N",
                    help="CPU merges: processes to use (default: one per core; 1 = a single process; "
-                        "at most the number of cores)")
+                        "at most the number of cores; with --out-lora: threads of one process)")
     p.add_argument("--dtype", choices=OUTPUT_DTYPES, help="output precision (default fp16, or the recipe's)")
     p.add_argument("--out", help="output .safetensors path (may be left out with --out-lora)")
     p.add_argument("--out-lora", metavar="FILE",
@@ -216,9 +216,12 @@ def cmd_merge(a: argparse.Namespace) -> int:
     try:
         if a.out_lora:
             from .lora.extract import merge_to_lora
+            if processes is not None and processes > 1:   # said, not silently dropped
+                print(f"note: --out-lora merges in one process, with {processes} threads (--processes {processes}):"
+                      " each layer is factored as it is merged", file=sys.stderr)
             report, _ = merge_to_lora(recipe, a.out_lora, a.lora_rank, a.lora_conv_rank, out_path=a.out,
                                       out_dtype=dtype, overwrite=a.overwrite, device=device, progress=progress,
-                                      cancel=cancel)
+                                      cancel=cancel, workers=processes)
         else:
             report = merge_to_file(recipe, a.out, out_dtype=dtype, overwrite=a.overwrite,
                                    device=device, progress=progress, cancel=cancel, processes=processes)

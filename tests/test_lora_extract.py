@@ -191,3 +191,27 @@ def test_cli_out_lora_without_out(sd1_set, lora_in, tmp_path):
     run = subprocess.run([sys.executable, "-m", "lib_merge", "merge", "--base", sd1_set["base"], "--models",
                           lora_in, "--device", "cpu"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "--out-lora" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_out_lora_says_how_it_uses_processes(sd1_set, lora_in, tmp_path):
+    """--processes with --out-lora was silently ignored: it is the merge's thread count there, and says so."""
+    from lib_merge.parallel import usable_cores
+    if usable_cores() < 2:
+        pytest.skip("one core: --processes 2 is capped to 1")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    outs = {}
+    for n in (1, 2):
+        outs[n] = str(tmp_path / f"p{n}.safetensors")
+        run = subprocess.run([sys.executable, "-m", "lib_merge", "merge", "--base", sd1_set["base"], "--models",
+                              sd1_set["models"][0], lora_in, "--method", "ties", "--out-lora", outs[n],
+                              "--lora-rank", "4", "--device", "cpu", "--quiet", "--processes", str(n)],
+                             capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        noted = [line for line in run.stderr.splitlines() if "--out-lora merges in one process" in line]
+        assert len(noted) == (1 if n == 2 else 0), run.stderr
+    one, two = load_file(outs[1]), load_file(outs[2])
+    assert one.keys() == two.keys()
+    for key in (k for k in one if k.endswith(".lora_up.weight")):   # LAPACK's SVD rounds by its thread count
+        stem = key[:-len(".lora_up.weight")]
+        a, b = ((f[key].float().flatten(1) @ f[stem + ".lora_down.weight"].float().flatten(1)) for f in (one, two))
+        assert (a - b).abs().max() <= 2e-3 * a.abs().max() + 1e-6, stem
