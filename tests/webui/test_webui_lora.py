@@ -17,14 +17,50 @@ The tolerance asserted is max |difference| <= 3 levels and mean <= 0.25, while t
 A first run on A1111 (05:20 UTC) compared PNG-filtered bytes instead of pixels: mean difference 0.11 of
 the filtered bytes, a max of 255 from a filter residual wrapping around; the LoRA's own effect was a mean
 of 68.  Pixels are decoded now.
+
+The WebUI runs with ``--lora-dir`` pointing at a folder of its own: the LoRA merged (dm_custom) lives only
+there, the saved LoRA goes there and the WebUI's Lora extension finds it there; the fixture's
+models/Lora/dm_lora (the default folder) must not be offered, nor a checkpoint dropped into the folder.
 """
 from __future__ import annotations
 
 import os
+import shutil
+
+import pytest
+from webui_support import hosts, serve, write_lora
 
 STATE: dict = {}
-RECIPE = {"base": "dm_base", "models": ["LoRA: dm_lora.safetensors"], "method": "add_difference", "p": 0.0,
+RECIPE = {"base": "dm_base", "models": ["LoRA: dm_custom.safetensors"], "method": "add_difference", "p": 0.0,
           "alpha": 1.0, "weights": [1.0]}
+
+
+@pytest.fixture(scope="module", params=hosts())
+def webui(request, synthetic_checkpoints, tmp_path_factory):
+    """This module's WebUI, started with ``--lora-dir`` (a folder outside its models folder)."""
+    kind, root = request.param
+    folder = str(tmp_path_factory.mktemp(f"lora-dir-{kind}"))
+    write_lora(os.path.join(folder, "dm_custom.safetensors"))
+    os.symlink(synthetic_checkpoints["ft1"], os.path.join(folder, "not-a-lora.safetensors"))   # a checkpoint
+    STATE["lora_dir"] = folder
+    try:
+        with serve(kind, root, synthetic_checkpoints, str(tmp_path_factory.mktemp(f"webui-{kind}")),
+                   extra_flags=("--lora-dir", folder)) as server:
+            yield server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_loras_come_from_the_lora_dir_given_at_launch_by_content(webui):
+    """The default models/Lora is not where this WebUI looks; a checkpoint in the Lora folder is no LoRA;
+    a LoRA cannot be the base.  Each refused in one line before any merge."""
+    for title in ("LoRA: dm_lora.safetensors", "LoRA: not-a-lora.safetensors"):
+        status, body = webui.request("POST", "/dare-merge/v1/merge", dict(RECIPE, models=[title], hot_load=True))
+        assert status == 400 and "no such LoRA" in body["error"], body
+        assert os.path.basename(STATE["lora_dir"]) in body["error"], body                # names the folder
+    status, body = webui.request("POST", "/dare-merge/v1/merge",
+                                 dict(RECIPE, base="LoRA: dm_custom.safetensors", hot_load=True))
+    assert status == 400 and "is a LoRA, not a full checkpoint" in body["error"], body
 
 
 def _diff(a: bytes, b: bytes) -> tuple[int, float]:
@@ -53,6 +89,7 @@ def test_lora_is_merged_and_saved_as_a_lora(webui):
                       dict(RECIPE, hot_load=False, save_lora="dm_roundtrip", lora_rank=8))
     saved = answer["saved_lora"]
     assert saved and os.path.isfile(saved["path"]) and saved["title"] == "LoRA: dm_roundtrip.safetensors", answer
+    assert os.path.realpath(os.path.dirname(saved["path"])) == os.path.realpath(STATE["lora_dir"]), saved
     assert saved["worst_energy"] > 0.999, saved
     webui.request("POST", "/sdapi/v1/refresh-loras")        # the save refreshed it already; harmless twice
     status, loras = webui.request("GET", "/sdapi/v1/loras")

@@ -231,6 +231,7 @@ def serve(kind: str, root: str, checkpoints: dict[str, str], work: str, extra_fl
     finally:
         server.stop()
         suffix = "-ui" if ui else ("-" + "-".join(f.strip("-") for f in extra_flags) if extra_flags else "")
+        suffix = "".join(c if c.isalnum() or c in "-_." else "_" for c in suffix)   # a flag may be a path
         keep = os.path.join(os.environ.get("ARTIFACTS_DIR") or tempfile.gettempdir(),
                             f"dare-merge-webui-{kind}{suffix}.log")
         shutil.copyfile(server.log_path, keep)
