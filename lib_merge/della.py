@@ -150,7 +150,7 @@ def row_blocks(n: int, m: int, chunk: int) -> list[tuple[int, int]]:
 
 def chunk_stats(theta0: torch.Tensor, thetas: list[torch.Tensor], rows: list[torch.Tensor],
                 gamma: torch.Tensor | None) -> torch.Tensor:
-    """The merge statistics of one block ([4, models] float64, rows as kernels.STAT_*).
+    """The merge statistics of one block ([4, models] float64, rows as kernels.STAT_*: mass, agree, nonzero, survived).
 
     ``rows`` are the dropped, rescaled, trimmed and weighted deltas, ``gamma``
     the elected signs (None without election).  DELLA's sort dominates its
@@ -159,12 +159,12 @@ def chunk_stats(theta0: torch.Tensor, thetas: list[torch.Tensor], rows: list[tor
     raw = torch.stack([t.to(torch.float32) for t in thetas]) - theta0.to(torch.float32)
     taus = torch.stack(rows)
     out = torch.zeros((4, len(rows)), dtype=torch.float64, device=taus.device)
-    out[1] = (raw != 0).sum(1)
-    out[2] = (taus != 0).sum(1)
+    out[2] = (raw != 0).sum(1)        # kernels.STAT_NONZERO
+    out[3] = (taus != 0).sum(1)       # kernels.STAT_SURVIVED
     if gamma is None:
-        out[0] = taus.abs().sum(1, dtype=torch.float64)
+        out[0] = taus.abs().sum(1, dtype=torch.float64)   # kernels.STAT_MASS
     else:
         agreeing = (taus * gamma).clamp_min_(0.0)
         out[0] = agreeing.sum(1, dtype=torch.float64)
-        out[3] = (agreeing > 0).sum(1)
+        out[1] = (agreeing > 0).sum(1)                    # kernels.STAT_AGREE
     return out

@@ -270,9 +270,9 @@ class Workspace:
 
 
 # Rows of the per-chunk statistics a fused kernel writes (see lib_merge/analysis/stats.py):
-# 0 |A_t w_t tau_t| summed, 1 non-zero deltas before drop/trim, 2 after, 3 elements agreeing with the election.
-# A kernel writes only the rows that apply into a zeroed block (rows 1-2 only where drop/trim/election apply).
-STAT_MASS, STAT_NONZERO, STAT_SURVIVED, STAT_AGREE = range(4)
+# 0 |A_t w_t tau_t| summed, 1 elements agreeing with the election, 2 non-zero deltas before drop/trim, 3 after.
+# A kernel writes only the rows that apply into a zeroed block.  Rows that one sum fills are adjacent.
+STAT_MASS, STAT_AGREE, STAT_NONZERO, STAT_SURVIVED = range(4)
 STAT_FIELDS = 4
 
 
@@ -423,7 +423,7 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     if stats is not None:
         if cuts:
             torch.ne(taus, 0.0, out=flags[rows:])
-            torch.sum(flags.view(2, rows, n), 2, out=stats[STAT_NONZERO:STAT_SURVIVED + 1])
+            torch.sum(flags, 1, out=stats[STAT_NONZERO:STAT_SURVIVED + 1].view(-1))
         elif params.elect:   # nothing dropped: before = after (the caller copies it), needed for the agreement
             torch.sum(torch.ne(taus, 0.0, out=flags[rows:]), 1, out=stats[STAT_SURVIVED])
     if constants.weights is not None:                                             # 4
@@ -437,7 +437,7 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
             total.div_(sum(weights))
     else:
         gamma = ws.vote[:n]                                                       # 5
-        agreeing = ws.rows_scratch(rows, n)
+        agreeing = ws.rows_scratch(rows, n) if stats is None else flags[:rows]
         if params.vote_sgn:
             _sum_rows(torch.sign(taus, out=agreeing), gamma)
         else:
@@ -446,15 +446,12 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         torch.mul(taus, gamma, out=agreeing)                                      # 6-7
         agreeing.clamp_min_(0.0)
         _sum_rows(agreeing, total)
-        if stats is not None:   # agreeing = |A_t w_t tau_t|
-            torch.sum(agreeing, 1, out=stats[STAT_MASS])
-            if params.merge != "mean":
-                torch.sum(torch.sign(agreeing, out=flags[:rows]), 1, out=stats[STAT_AGREE])
+        if stats is not None:   # agreeing = |A_t w_t tau_t| and its signs (who agrees): one sum for both
+            torch.sign(agreeing, out=flags[rows:])
+            torch.sum(flags, 1, out=stats[STAT_MASS:STAT_AGREE + 1].view(-1))
         if params.merge == "mean":
             count = ws.count[:n]
-            agrees = torch.sign(agreeing, out=taus)
-            if stats is not None:
-                torch.sum(agrees, 1, out=stats[STAT_AGREE])
+            agrees = torch.sign(agreeing, out=taus) if stats is None else flags[rows:]
             if constants.weights is not None:
                 agrees.mul_(constants.weights)
             _sum_rows(agrees, count)

@@ -31,7 +31,7 @@ from typing import Sequence
 
 from ..arch import VAE, block_labels, block_of, component_of
 
-MASS, NONZERO, SURVIVED, AGREE = range(4)
+MASS, AGREE, NONZERO, SURVIVED = range(4)   # kernels.STAT_MASS, STAT_AGREE, STAT_NONZERO, STAT_SURVIVED
 FIELDS = 4
 SCHEMA_VERSION = 1
 
