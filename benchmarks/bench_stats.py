@@ -56,7 +56,7 @@ def _version() -> str:
 
 
 def run_case(method: str, base: str, models: list[str], repeats: int, processes: int | None,
-             out_dir: str) -> dict:
+             out_dir: str, workers: int | None = None) -> dict:
     from lib_merge import MergeRecipe, merge_to_file
     recipe = MergeRecipe(method, base, models, **PRESETS.get(method, {}))
     outs = {False: os.path.join(out_dir, "off.safetensors"), True: os.path.join(out_dir, "on.safetensors")}
@@ -64,7 +64,8 @@ def run_case(method: str, base: str, models: list[str], repeats: int, processes:
     def one(stats: bool) -> tuple[float, float]:
         cpu = _cpu_seconds()
         started = time.perf_counter()
-        merge_to_file(recipe, outs[stats], device="cpu", overwrite=True, processes=processes, stats=stats)
+        merge_to_file(recipe, outs[stats], device="cpu", overwrite=True, processes=processes, workers=workers,
+                      stats=stats)
         return time.perf_counter() - started, _cpu_seconds() - cpu
 
     one(False)   # warm-up: page cache, input hashes, imports
@@ -97,6 +98,9 @@ def main() -> int:
     ap.add_argument("--methods", default="ties,dare_ties,weighted_sum", help=f"comma-separated: {', '.join(PRESETS)}")
     ap.add_argument("--repeats", type=int, default=3, help="off/on pairs per method (after one warm-up each)")
     ap.add_argument("--processes", type=int, default=None, help="merge processes (default: one per core)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="threads of a one-process merge (with --processes 1; 1 = single-threaded, the steadiest "
+                         "CPU-time figure on a loaded machine)")
     ap.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
@@ -104,13 +108,15 @@ def main() -> int:
     import torch
     from make_inputs import ensure_inputs
 
+    if args.workers == 1:
+        torch.set_num_threads(1)   # single-threaded: no intra-op threads either
     base, models = ensure_inputs(args.arch, args.n, args.scale_down)
     size_mb = sum(os.path.getsize(p) for p in [base, *models]) / 1e6
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-stats-", dir=os.path.dirname(base)) as out_dir:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            rows.append(run_case(method, base, models, args.repeats, args.processes, out_dir))
+            rows.append(run_case(method, base, models, args.repeats, args.processes, out_dir, args.workers))
     load_after = os.getloadavg()
     command = " ".join(["python", "benchmarks/bench_stats.py", *sys.argv[1:]])
     lines = [
@@ -121,7 +127,8 @@ def main() -> int:
         "",
         f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}, "
         f"ours {_version()}. Inputs {size_mb:,.0f} MB (base + {args.n}), output fp16 via merge_to_file "
-        f"(processes: {args.processes or 'one per core'}). Load average (1 min) {load_before[0]:.1f} before, "
+        f"(processes: {args.processes or 'one per core'}"
+        f"{f', threads: {args.workers}' if args.workers else ''}). Load average (1 min) {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after; other engineers share this machine.",
         "",
         "| method | off best s | on best s | on/off (best) | on/off (median of pairs) | CPU off s | CPU on s "

@@ -325,7 +325,9 @@ def _analysis_summary(result: dict) -> str:
         cos, first, second = max(pairs)
         lines.append(f"  most alike: {first} and {second} (cosine {cos:.3f})")
     conflicts = {b: v for b, v in result["sign_conflict"].items() if v is not None}
-    if conflicts:
+    if conflicts and max(conflicts.values()) == 0:
+        lines.append("  no sign conflicts: wherever two or more models change an element, they change it the same way")
+    elif conflicts:
         block = max(conflicts, key=conflicts.get)
         lines.append(f"  signs fight most in {block}: {conflicts[block] * 100:.0f}% of the elements two or more "
                      "models change")

@@ -291,3 +291,14 @@ def test_cancel_stops_the_analysis(sd1_set):
 
     with pytest.raises(MergeCancelled):
         analyze(sd1_set["base"], sd1_set["models"], progress=cancel_at_tenth_key, cancel=token)
+
+
+def test_a_model_lacking_keys_is_noted_and_counts_as_zero_there(sd1_set, tmp_path):
+    model = load_file(sd1_set["models"][0])
+    gone = [k for k in model if k.startswith("model.diffusion_model.middle_block.")]
+    partial = str(tmp_path / "partial.safetensors")
+    save_file({k: v for k, v in model.items() if k not in gone}, partial)
+    a = analyze(sd1_set["base"], [partial, sd1_set["models"][0]])
+    assert any("partial.safetensors lacks" in note for note in a["notes"])
+    assert a["delta_norm"]["partial.safetensors"]["M00"] == 0.0
+    assert a["delta_norm"]["partial.safetensors"]["IN04"] == a["delta_norm"][a["models"][1]]["IN04"]

@@ -65,6 +65,7 @@ def analyze(base: str | None = None, models: Sequence[str] | None = None, recipe
             merge_plan = MergePlan(recipe, out_dtype, opener=opener, stats=True)
         ticker = _Ticker(progress, plan, merge_plan)
         result = _input_figures(plan, torch.device(device), ticker, cancel)
+        result["notes"] = _input_notes(plan)
     finally:
         plan.close()
     if merge_plan is not None:
@@ -72,10 +73,20 @@ def analyze(base: str | None = None, models: Sequence[str] | None = None, recipe
             for _ in iter_merge(merge_plan, device, ticker.merge_progress, cancel):
                 pass
             _join_merge(result, merge_plan.report.stats)
-            result["notes"] = list(merge_plan.report.notes)
+            result["notes"] += [n for n in merge_plan.report.notes if n not in result["notes"]]
         finally:
             merge_plan.close()
     return result
+
+
+def _input_notes(plan: MergePlan) -> list[str]:
+    """What the figures leave out, in the merge report's words: keys a model lacks or has extra, skipped shapes."""
+    report = plan.report
+    lines = [f"{name} lacks {len(keys)} keys of the base (e.g. {keys[0]}); its change there counts as zero"
+             for name, keys in report.missing.items()]
+    lines += [f"{name} has {len(keys)} keys the base lacks (e.g. {keys[0]}); they are left out"
+              for name, keys in report.extra.items()]
+    return lines + list(report.mismatches) + list(report.notes)
 
 
 def write_analysis(analysis: dict, out_dir: str) -> str:
