@@ -56,21 +56,28 @@ def _version() -> str:
 
 
 def run_case(method: str, base: str, models: list[str], repeats: int, processes: int | None,
-             out_dir: str, workers: int | None = None) -> dict:
-    from lib_merge import MergeRecipe, merge_to_file
+             out_dir: str, workers: int | None = None, memory: bool = False) -> dict:
+    from lib_merge import MergeRecipe, merge_to_file, merge_to_memory
     recipe = MergeRecipe(method, base, models, **PRESETS.get(method, {}))
     outs = {False: os.path.join(out_dir, "off.safetensors"), True: os.path.join(out_dir, "on.safetensors")}
+    states: dict = {}
 
     def one(stats: bool) -> tuple[float, float]:
         cpu = _cpu_seconds()
         started = time.perf_counter()
-        merge_to_file(recipe, outs[stats], device="cpu", overwrite=True, processes=processes, workers=workers,
-                      stats=stats)
+        if memory:   # the merge's own work only: no output file, no fsync
+            states[stats] = merge_to_memory(recipe, "fp16", device="cpu", workers=workers, stats=stats)[0]
+        else:
+            merge_to_file(recipe, outs[stats], device="cpu", overwrite=True, processes=processes, workers=workers,
+                          stats=stats)
         return time.perf_counter() - started, _cpu_seconds() - cpu
 
+    import torch
     one(False)   # warm-up: page cache, input hashes, imports
     one(True)
-    identical = filecmp.cmp(outs[False], outs[True], shallow=False)
+    identical = (all(torch.equal(states[False][k], states[True][k]) for k in states[False]) if memory
+                 else filecmp.cmp(outs[False], outs[True], shallow=False))
+    states.clear()
     wall = {False: [], True: []}
     cpu = {False: [], True: []}
     for i in range(repeats):
@@ -101,6 +108,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="threads of a one-process merge (with --processes 1; 1 = single-threaded, the steadiest "
                          "CPU-time figure on a loaded machine)")
+    ap.add_argument("--memory", action="store_true",
+                    help="merge into memory (merge_to_memory): the merge's own work without writing a file, "
+                         "the strictest ratio")
     ap.add_argument("--results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = ap.parse_args()
 
@@ -116,20 +126,23 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-stats-", dir=os.path.dirname(base)) as out_dir:
         for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            rows.append(run_case(method, base, models, args.repeats, args.processes, out_dir, args.workers))
+            rows.append(run_case(method, base, models, args.repeats, args.processes, out_dir, args.workers,
+                                 args.memory))
     load_after = os.getloadavg()
     command = " ".join(["python", "benchmarks/bench_stats.py", *sys.argv[1:]])
+    target = ("fp16 state dict via merge_to_memory" if args.memory
+              else f"output fp16 via merge_to_file (processes: {args.processes or 'one per core'})")
+    if args.workers:
+        target += f", {args.workers} thread{'s' if args.workers > 1 else ''}"
     lines = [
         f"## {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC · merge statistics off vs on · "
-        f"{args.arch.upper()} /{args.scale_down} · N = {args.n}",
+        f"{args.arch.upper()} /{args.scale_down} · N = {args.n}" + (" · in memory" if args.memory else ""),
         "",
         f"Command: `{command}`",
         "",
         f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"ours {_version()}. Inputs {size_mb:,.0f} MB (base + {args.n}), output fp16 via merge_to_file "
-        f"(processes: {args.processes or 'one per core'}"
-        f"{f', threads: {args.workers}' if args.workers else ''}). Load average (1 min) {load_before[0]:.1f} before, "
-        f"{load_after[0]:.1f} after; other engineers share this machine.",
+        f"ours {_version()}. Inputs {size_mb:,.0f} MB (base + {args.n}), {target}. Load average (1 min) "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; other engineers share this machine.",
         "",
         "| method | off best s | on best s | on/off (best) | on/off (median of pairs) | CPU off s | CPU on s "
         "| CPU on/off | same bytes |",

@@ -40,6 +40,11 @@ CUDA_CHUNK_BUDGET = 1 << 23
 CPU_MIN_CHUNK = 1 << 12
 CPU_MAX_CHUNK = 1 << 16
 CUDA_MAX_CHUNK = 1 << 24
+# The merge statistics count (kept, elected agreement; and the share of methods without an election) on the
+# first and then every STATS_EVERY-th chunk of each key: a fixed sample (every key's first chunk, so all of
+# the small keys) that keeps their cost within 10 % of the merge on a CPU.  The share of elected methods is
+# summed over every chunk (one cheap sum).  1 = every chunk (exact; the tests compare that with the readable steps).
+STATS_EVERY = 4
 
 
 @dataclass
@@ -506,23 +511,25 @@ class KeyMerger:
             if cancel is not None:
                 cancel.check()
             stop = min(n, start + self.chunk)
+            sampled = False
             if slots is not None:
                 chunk_stats = slots[start // self.chunk]
+                sampled = (start // self.chunk) % STATS_EVERY == 0
             theta0 = self._dev(base[start:stop])
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
                 result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
                                                    thresholds or None, start, constants=constants,
-                                                   stats=chunk_stats)
+                                                   stats=chunk_stats, stat_counts=sampled)
             elif spec.kind == "weighted_sum":
                 result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
-                                                    constants, stats=chunk_stats)
+                                                    constants, stats=chunk_stats if sampled else None)
             elif spec.kind == "lincomb":
                 from .lincomb import lincomb_apply
-                result = lincomb_apply(theta0, thetas, coeffs, params.alpha, stats=chunk_stats)
+                result = lincomb_apply(theta0, thetas, coeffs, params.alpha, stats=chunk_stats if sampled else None)
             else:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
-                if chunk_stats is not None:   # one model: its share is all of the merged delta
+                if sampled:   # one model: its share is all of the merged delta
                     chunk_stats[kernels.STAT_MASS, 0] = (thetas[0].float() - theta0.float()).abs().sum()
             if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
                 self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], result)

@@ -362,7 +362,8 @@ def _sum_rows(rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weights: Sequence[float],
                       params: DeltaParams, ws: Workspace, masks: Sequence[DropMask | None] | None = None,
                       thresholds: Sequence[torch.Tensor | None] | None = None, start: int = 0,
-                      constants: KeyConstants | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
+                      constants: KeyConstants | None = None, stats: torch.Tensor | None = None,
+                      stat_counts: bool = True) -> torch.Tensor:
     """:func:`delta_merge` with every intermediate in ``ws``; the same bits, fewer passes.
 
     Steps 6-7 use the identity, for gamma in {-1, +1}:
@@ -378,6 +379,8 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     chunk's statistics are written into (the merge statistics: they only read
     the blocks, so the result's bits are the same with or without them).  With
     no drop/trim, row STAT_NONZERO is left for the caller (it equals STAT_SURVIVED).
+    ``stat_counts`` False: only the elected mass (one sum), for the chunks the
+    engine does not sample (see engine.STATS_EVERY).
     """
     n = theta0.numel()
     rows = len(thetas)
@@ -392,9 +395,10 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
     cuts = ((params.p > 0 and constants.salts is not None) or constants.thr_minus_one is not None
             or constants.upper_plus_one is not None or (thresholds is None and params.k < 1.0))
     flags = None
+    counting = stats is not None and stat_counts
     if stats is not None:   # non-zero flags before (rows 0..) and after (rows rows..) drop/trim: one sum for both
         flags = ws.stat_scratch(2 * rows, n)
-        if cuts:   # a float compare + a float sum: on the CPU several times cheaper than count_nonzero
+        if cuts and counting:   # a float compare + a float sum: several times cheaper than count_nonzero on a CPU
             torch.ne(taus, 0.0, out=flags[:rows])
     whole = None
     if unbiased_applies(params):   # the undropped deltas: how many models agree before the drop (step 8)
@@ -420,7 +424,7 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
             trim_(taus[t], threshold)
             if whole is not None:
                 trim_(whole[t], threshold)
-    if stats is not None:
+    if counting:
         if cuts:
             torch.ne(taus, 0.0, out=flags[rows:])
             torch.sum(flags, 1, out=stats[STAT_NONZERO:STAT_SURVIVED + 1].view(-1))
@@ -430,7 +434,7 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         taus.mul_(constants.weights)
     total = ws.total[:n]
     if not params.elect:
-        if stats is not None:   # every model counts: |w_t tau_t|
+        if counting:   # every model counts: |w_t tau_t|
             torch.sum(torch.abs(taus, out=flags[:rows]), 1, out=stats[STAT_MASS])
         _sum_rows(taus, total)
         if params.merge == "mean":
@@ -446,12 +450,14 @@ def delta_merge_fused(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], weig
         torch.mul(taus, gamma, out=agreeing)                                      # 6-7
         agreeing.clamp_min_(0.0)
         _sum_rows(agreeing, total)
-        if stats is not None:   # agreeing = |A_t w_t tau_t| and its signs (who agrees): one sum for both
+        if counting:   # agreeing = |A_t w_t tau_t| and its signs (who agrees): one sum for both
             torch.sign(agreeing, out=flags[rows:])
             torch.sum(flags, 1, out=stats[STAT_MASS:STAT_AGREE + 1].view(-1))
+        elif stats is not None:
+            torch.sum(agreeing, 1, out=stats[STAT_MASS])
         if params.merge == "mean":
             count = ws.count[:n]
-            agrees = torch.sign(agreeing, out=taus) if stats is None else flags[rows:]
+            agrees = flags[rows:] if counting else torch.sign(agreeing, out=taus)
             if constants.weights is not None:
                 agrees.mul_(constants.weights)
             _sum_rows(agrees, count)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib_merge import MergeRecipe, kernels, merge_to_file, merge_to_memory, parallel
+from lib_merge import MergeRecipe, engine, kernels, merge_to_file, merge_to_memory, parallel
 from lib_merge.analysis import analyze
 from lib_merge.analysis.stats import key_block, model_labels
 from lib_merge.arch import block_labels
@@ -179,7 +179,8 @@ def _close(got, want, rel=2e-5):
     ("dare_ties", {"p": 0.5}),
     ("weighted_sum", {"weights": [1.0, 3.0, 0.5]}),
 ])
-def test_merge_statistics_match_the_reference_steps(sd1_set, method, knobs):
+def test_merge_statistics_match_the_reference_steps(sd1_set, monkeypatch, method, knobs):
+    monkeypatch.setattr(engine, "STATS_EVERY", 1)   # every chunk counted: exact
     recipe = MergeRecipe(method, sd1_set["base"], sd1_set["models"], **knobs)
     _, report = merge_to_memory(recipe, "fp16", device="cpu")
     stats = report.stats
@@ -233,6 +234,31 @@ def test_slerp_and_della_statistics(sd1_set):
     kept = [v for m in report.stats["models"] for v in report.stats["kept"][m].values()]
     assert all(0.3 < v < 0.5 for v in kept)   # DELLA keeps 1 - p on average
     assert all(0.5 < v <= 1.0 for v in report.stats["elected_agreement"].values())
+
+
+@pytest.mark.parametrize("method,knobs", [("dare_ties", {"p": 0.5}), ("weighted_sum", {"weights": [1.0, 3.0, 0.5]})])
+def test_sampled_counts_stay_close_to_every_chunk(sd1_set, monkeypatch, method, knobs):
+    """The default counts every STATS_EVERY-th chunk (every key's first): within a percent of counting all."""
+    recipe = MergeRecipe(method, sd1_set["base"], sd1_set["models"], **knobs)
+    chunk = 1 << 12   # many chunks per key even in these small files, so the sample is a real sample
+    _, sampled = merge_to_memory(recipe, "fp16", device="cpu", chunk=chunk)
+    monkeypatch.setattr(engine, "STATS_EVERY", 1)
+    _, every = merge_to_memory(recipe, "fp16", device="cpu", chunk=chunk)
+    a, b = sampled.stats, every.stats
+    for field in ("share", "kept"):
+        for name in a["models"]:
+            for block in a["blocks"]:
+                assert a[field][name][block] == pytest.approx(b[field][name][block], abs=0.01), (field, block)
+    for block in a["blocks"]:
+        if b["elected_agreement"][block] is not None:
+            assert a["elected_agreement"][block] == pytest.approx(b["elected_agreement"][block], abs=0.01)
+    if method == "dare_ties":   # the elected share is summed over every chunk either way
+        for name in a["models"]:
+            assert a["share"][name]["IN04"] == pytest.approx(b["share"][name]["IN04"], rel=1e-6)
+    # and it is a sample: some count differs from counting every chunk
+    assert any(a["kept" if method == "dare_ties" else "share"][name][block] !=
+               b["kept" if method == "dare_ties" else "share"][name][block]
+               for name in a["models"] for block in a["blocks"])
 
 
 def test_worker_processes_sum_to_the_same_statistics(sd1_set, tmp_path, monkeypatch):
