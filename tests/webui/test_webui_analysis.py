@@ -60,7 +60,10 @@ def test_analyze_route_answers_the_analysis_json(webui_ui):
     assert ties["method"] == "ties" and _flat(ties["delta_norm"]) == pytest.approx(_flat(plain["delta_norm"]))
     merged_blocks = [b for b in ties["blocks"] if b != "VAE"]
     assert _block_sums(ties["share"], merged_blocks) == pytest.approx([1.0] * len(merged_blocks), abs=1e-6)
-    assert all(0.0 < ties["kept"][m]["IN04"] <= 0.31 for m in MODELS)   # the trim keeps about k of each
+    # the trim keeps the top k of each key's elements; counted among the elements a model changes at all (fp16
+    # rounds some small deltas to zero), so a little more than k
+    kept = [ties["kept"][m]["IN04"] for m in MODELS]
+    assert all(0.25 < v < 0.5 for v in kept), kept
     STATE["ties"] = ties
 
 
@@ -87,8 +90,13 @@ def test_the_merge_answer_carries_its_statistics(webui_ui):
     assert stats is not None and stats["models"] == MODELS and stats["method"] == "ties"
     ties = STATE.get("ties")
     if ties is not None:   # the same recipe analysed: the merge gathered the same numbers in its own pass
-        for field in ("share", "kept", "elected_agreement"):
-            assert _flat(stats[field]) == pytest.approx(_flat(ties[field]), rel=1e-4, abs=1e-6), field
+        blocks = stats["blocks"]   # the analysis also lists the VAE (it differs), which the merge takes from the base
+        assert blocks == [b for b in ties["blocks"] if b != "VAE"]
+        for field in ("share", "kept"):
+            assert _flat({m: {b: stats[field][m][b] for b in blocks} for m in MODELS}) == pytest.approx(
+                _flat({m: {b: ties[field][m][b] for b in blocks} for m in MODELS}), rel=1e-4, abs=1e-6), field
+        assert [stats["elected_agreement"][b] for b in blocks] == pytest.approx(
+            [ties["elected_agreement"][b] for b in blocks], rel=1e-4, abs=1e-6)
 
 
 @pytest.fixture
