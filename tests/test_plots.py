@@ -145,3 +145,19 @@ def test_drawing_leaves_pyplot_alone_and_runs_on_threads():
         thread.join(120)
     assert not errors
     assert plt.get_fignums() == before and matplotlib.get_backend() == backend
+
+
+def test_a_merges_own_statistics_draw_share_kept_and_agreement(sd1_set, tmp_path):
+    """What the tab draws after a Merge: the stats the merge gathered (no input figures) -> direction (the
+    agreement line only), share and kept."""
+    from lib_merge.recipe import MergeRecipe
+    from lib_merge.session import MergeSession
+    recipe = MergeRecipe(method="dare_ties", base=sd1_set["base"], models=sd1_set["models"][:2], p=0.3, k=0.5)
+    stats = MergeSession(str(tmp_path)).merge(recipe, device="cpu", hot_load=False, stats=True).report.stats
+    assert plots.available(stats) == ["conflict", "share", "kept"]
+    fig = plots.conflict_figure(stats)
+    ax = fig.axes[0]
+    assert not ax.patches and len(ax.lines) == 1      # no empty conflict bars, one agreement line
+    for data in plots.render_pngs(stats).values():
+        _sane(_png_size(data))
+    assert "largest share" in plots.summary_text(stats)
