@@ -1,13 +1,14 @@
 """Issue 11 benchmarks: baking LoRAs into a base, and writing a merge as a LoRA, as ratios in one run.
 
 1. baking 10 LoRAs (rank 32, every kohya module incl. LoCon convs) onto a base with add_difference,
-   against a 2-model add_difference of the same base (target <= 2x);
+   against a 2-model add_difference of the same base (target <= 2x); beside it, 10 full checkpoints
+   against the same reference: what N models cost the engine with no LoRA maths at all (the floor);
 2. a merge written as a rank-64 LoRA (--out-lora, no --out), against the same merge written as a
    checkpoint (target <= 3x).
 
-Each is a fresh ``python -m lib_merge merge`` process, timed from spawn to exit, alternated
-(reference, candidate) ``--repeats`` times; the medians and their ratio are printed and appended to
-RESULTS.md.  Synthetic inputs (lib_merge.synth, real SDXL keys) are written under ``--work``.
+Each is a fresh ``python -m lib_merge merge`` process, timed from spawn to exit (wall, and the CPU time of
+it and its worker processes), alternated (reference, candidate) ``--repeats`` times; the medians and their
+ratios are printed and appended to RESULTS.md.  Synthetic inputs (lib_merge.synth, real SDXL keys) are written under ``--work``.
 
     python benchmarks/bench_lora.py --arch sdxl --scale-down 4      # ~430 MB per SDXL file
 """
@@ -17,6 +18,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,11 +62,16 @@ def write_loras(base: str, folder: str, n: int, rank: int) -> list[str]:
     return paths
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its workers): on a shared machine the CPU time is the
+    steadier figure (other jobs stretch the wall time, not the work done)."""
     env = dict(os.environ, PYTHONPATH=ROOT)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> int:
@@ -95,6 +102,10 @@ def main() -> int:
     jobs = {
         "bake": ([*merge, "--models", *fts, "--method", "add_difference", "--p", "0", "--out", out],
                  [*merge, "--models", *loras, "--method", "add_difference", "--p", "0", "--out", out]),
+        # the engine's own cost of N models: as many full checkpoints as LoRAs, no LoRA maths at all
+        "floor": ([*merge, "--models", *fts, "--method", "add_difference", "--p", "0", "--out", out],
+                  [*merge, "--models", *(fts * (args.n_loras // 2)), "--method", "add_difference", "--p", "0",
+                   "--out", out]),
         "write_lora": ([*merge, "--models", *fts, "--method", "dare_ties_soup", "--out", out],
                        [*merge, "--models", *fts, "--method", "dare_ties_soup", "--out-lora", out_lora,
                         "--lora-rank", "64"]),
@@ -106,19 +117,24 @@ def main() -> int:
         for _ in range(args.repeats):
             ref_s.append(timed(ref))
             cand_s.append(timed(cand))
-        r, c = statistics.median(ref_s), statistics.median(cand_s)
-        rows.append((name, r, c, c / r))
+        r, c = (statistics.median(x[0] for x in ref_s), statistics.median(x[0] for x in cand_s))
+        rc, cc = (statistics.median(x[1] for x in ref_s), statistics.median(x[1] for x in cand_s))
+        rows.append((name, r, c, c / r, rc, cc, cc / rc))
     size = os.path.getsize(base) / 1e6
     lines = [f"## {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC · LoRA · {args.arch} scale-down {args.scale_down} "
              f"({size:.0f} MB a file) · {args.device} · repeats {args.repeats}",
              "", f"`python benchmarks/bench_lora.py {' '.join(sys.argv[1:])}` on {platform.node()}, "
              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", "",
-             "| job | reference | reference s | candidate s | ratio | target |", "|---|---|---|---|---|---|"]
+             "| job | reference | reference s | candidate s | ratio | CPU s (ref / cand) | CPU ratio | target |",
+             "|---|---|---|---|---|---|---|---|"]
     what = {"bake": ("2-model add_difference", f"{args.n_loras} LoRAs rank 32 baked (add_difference)", "≤ 2×"),
+            "floor": ("2-model add_difference", f"{args.n_loras // 2 * 2} full checkpoints (add_difference)",
+                      "(the engine's N-model floor)"),
             "write_lora": ("dare_ties_soup N=2 → --out", "same → --out-lora rank 64", "≤ 3×")}
-    for name, r, c, ratio in rows:
+    for name, r, c, ratio, rc, cc, cpu_ratio in rows:
         ref_text, cand_text, target = what[name]
-        lines.append(f"| {cand_text} | {ref_text} | {r:.1f} | {c:.1f} | {ratio:.2f}× | {target} |")
+        lines.append(f"| {cand_text} | {ref_text} | {r:.1f} | {c:.1f} | {ratio:.2f}× | {rc:.1f} / {cc:.1f} | "
+                     f"{cpu_ratio:.2f}× | {target} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.no_record:
