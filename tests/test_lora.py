@@ -411,3 +411,21 @@ def test_the_base_is_read_once_for_all_loras_not_once_per_lora(sd1_set, tmp_path
         assert not torch.equal(merged[m["key"]], base[m["key"]].float())
     untouched = U + "out.2.weight"
     assert read[untouched] <= 2 * base[untouched].numel()
+
+
+def test_what_loras_share_per_base_goes_with_the_base(sd1_set, tmp_path):
+    """The per-base share (key map, last chunk read) must not keep a closed merge's base alive."""
+    import gc
+    import weakref
+    from lib_merge.engine import MergePlan, iter_merge
+    base = load_file(sd1_set["base"])
+    path = str(tmp_path / "share.safetensors")
+    write_lora(path, base, SD1_MODULES[:2], seed=30)
+    plan = MergePlan(MergeRecipe("add_difference", sd1_set["base"], [path, path], p=0.0), "fp32")
+    for _ in iter_merge(plan, "cpu", workers=1):
+        pass
+    plan.close()
+    gone = weakref.ref(plan.base)
+    del plan
+    gc.collect()
+    assert gone() is None

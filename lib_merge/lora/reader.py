@@ -47,7 +47,7 @@ class SharedBase:
     """
 
     def __init__(self, base: Checkpoint) -> None:
-        self._base = base
+        self._base_ref = weakref.ref(base)   # not the base itself: it is this object's key in _SHARED
         self._local = threading.local()
         self._keymaps: dict[str, KeyMap] = {}
         self._lock = threading.Lock()
@@ -55,14 +55,14 @@ class SharedBase:
     def keymap(self, arch: str) -> KeyMap:
         with self._lock:
             if arch not in self._keymaps:
-                self._keymaps[arch] = build_keymap(self._base.shapes(), arch)
+                self._keymaps[arch] = build_keymap(self._base_ref().shapes(), arch)
             return self._keymaps[arch]
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         last = getattr(self._local, "last", None)
         if last is not None and last[0] == key and last[1] == start and last[2] == stop:
             return last[3]
-        base = self._base
+        base = self._base_ref()
         chunk = base.read_range(key, start, stop) if getattr(base, "ranged_reads", False) \
             else base.flat(key)[start:stop]
         self._local.last = (key, start, stop, chunk)
