@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from ..arch import detect_arch
 from ..checkpoint import Checkpoint
@@ -94,6 +95,23 @@ def looks_like_lora(ckpt: Checkpoint) -> bool:
         if split is not None and split_family(split[0]) is not None and split[1] != "any":
             hits += 1
     return hits > 0
+
+
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.",
+                        "first_stage_model.")
+
+
+def keys_look_like_lora(keys: Iterable[str]) -> bool:
+    """:func:`looks_like_lora` from the key names alone (a folder listing reads no shapes): some key is an
+    adapter factor of a known family, and none is a Stable Diffusion checkpoint's."""
+    hits = 0
+    for key in keys:
+        if key.startswith(_CHECKPOINT_PREFIXES):
+            return False
+        if not hits:
+            split = _split_key(key)
+            hits = split is not None and split[1] != "any" and split_family(split[0]) is not None
+    return bool(hits)
 
 
 def parse_modules(ckpt: Checkpoint) -> list[Module]:
