@@ -174,6 +174,8 @@ class MergePlan:
         self._check_block_ranges()
         self.tasks = self._plan_keys()
         self.stats = self._new_stats() if stats else None
+        # counted chunks: 1 in STATS_EVERY for a merge someone waits on; `analyze` counts every chunk (exact)
+        self.stats_every = STATS_EVERY
 
     def _new_stats(self):
         """The statistics' accumulator: whether any key drops or trims (kept is measured), whether signs are elected."""
@@ -514,7 +516,7 @@ class KeyMerger:
             sampled = False
             if slots is not None:
                 chunk_stats = slots[start // self.chunk]
-                sampled = (start // self.chunk) % STATS_EVERY == 0
+                sampled = (start // self.chunk) % plan.stats_every == 0
             theta0 = self._dev(base[start:stop])
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":

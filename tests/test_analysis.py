@@ -290,6 +290,20 @@ def test_merge_with_a_recipe_joins_the_merge_to_the_input_figures(sd1_set):
     assert all(b.keys_done >= a_.keys_done for a_, b in zip(seen, seen[1:]))
 
 
+@pytest.mark.parametrize("method,knobs", [("dare_ties", {"p": 0.5}), ("weighted_sum", {"weights": [1.0, 3.0, 0.5]})])
+def test_analyze_counts_every_chunk_exactly(sd1_set, method, knobs):
+    """A merge someone waits on samples its counts; an analysis must not: exact against the reference steps."""
+    recipe = MergeRecipe(method, sd1_set["base"], sd1_set["models"], **knobs)
+    want = _reference_stats(recipe)
+    got = analyze(recipe=recipe)
+    for name in got["models"]:
+        for block in block_labels("sd1"):
+            _close(got["share"][name][block], want["share"][name][block])
+            _close(got["kept"][name][block], want["kept"][name][block])
+    for block in block_labels("sd1"):
+        _close(got["elected_agreement"][block], want["elected_agreement"][block])
+
+
 def test_lora_inputs_read_as_base_plus_delta(sd1_set, tmp_path):
     from test_lora import SD1_MODULES, write_lora
     base = load_file(sd1_set["base"])

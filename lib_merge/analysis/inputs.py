@@ -14,8 +14,9 @@ Per chunk, float32 task vectors tau_t = theta_t - theta0 feed float64 sums:
 
 With a method (a ``MergeRecipe``), the merge itself runs once more, in memory
 and with nothing written (``engine.iter_merge`` with ``stats=True``), and its
-statistics (``share``, ``kept``, ``elected_agreement``; see stats.py) join the
-dict.  The names are those of /tmp/coord/analysis-schema.md (README: "Analysis").
+statistics (``share``, ``kept``, ``elected_agreement``; see stats.py), counted
+on every chunk (a merge someone waits on counts one chunk in ``engine.STATS_EVERY``),
+join the dict.  The names are documented in README ("Analysis: see inside a merge").
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def analyze(base: str | None = None, models: Sequence[str] | None = None, recipe
     try:
         if recipe is not None:   # planned (and refused) before the long pass, so bad knobs fail at once
             merge_plan = MergePlan(recipe, out_dtype, opener=opener, stats=True)
+            merge_plan.stats_every = 1   # an analysis counts every chunk: its figures are exact, not sampled
         ticker = _Ticker(progress, plan, merge_plan)
         result = _input_figures(plan, torch.device(device), ticker, cancel)
         result["notes"] = _input_notes(plan)
