@@ -147,7 +147,6 @@ def _sources(plan: MergePlan, task) -> tuple[object, list[object]]:
 
 
 def _input_figures(plan: MergePlan, device: torch.device, ticker: _Ticker, cancel: CancelToken | None) -> dict:
-    n_models = len(plan.models)
     for model in plan.models:   # LoRA inputs build their deltas on this device
         if hasattr(model, "use_device"):
             model.use_device(device)
