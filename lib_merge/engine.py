@@ -45,6 +45,10 @@ CUDA_MAX_CHUNK = 1 << 24
 # the small keys) that keeps their cost within 10 % of the merge on a CPU.  The share of elected methods is
 # summed over every chunk (one cheap sum).  1 = every chunk (exact; the tests compare that with the readable steps).
 STATS_EVERY = 4
+# Methods without an election pay for their share with a pass over every model's |delta| that the merge
+# itself does not make (a weighted sum is only a few copies and a sum): they count one chunk in
+# STATS_EVERY * PLAIN_STATS_FACTOR (every key's first chunk still), which keeps them near the same 10 %.
+PLAIN_STATS_FACTOR = 4
 
 
 @dataclass
@@ -509,6 +513,8 @@ class KeyMerger:
         constants = kernels.key_constants(masks, thresholds, weights, self.device, uppers)
         slots = self._key_stats(-(-n // self.chunk), len(models))
         chunk_stats = None
+        every = plan.stats_every if spec.kind == "delta" or plan.stats_every == 1 \
+            else plan.stats_every * PLAIN_STATS_FACTOR
         for start in range(0, n, self.chunk):
             if cancel is not None:
                 cancel.check()
@@ -516,7 +522,7 @@ class KeyMerger:
             sampled = False
             if slots is not None:
                 chunk_stats = slots[start // self.chunk]
-                sampled = (start // self.chunk) % plan.stats_every == 0
+                sampled = (start // self.chunk) % every == 0
             theta0 = self._dev(base[start:stop])
             thetas = [self._dev(m[start:stop]) for m in models]
             if spec.kind == "delta":
