@@ -1,6 +1,7 @@
 """``python -m lib_merge analyze``: analysis.json + plots, one-line errors with exit 2; ``merge`` prints the shares."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,11 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _has_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def test_analyze_writes_the_json_and_the_plots(sd1_set, tmp_path, capsys):
