@@ -89,14 +89,15 @@ def test_the_merge_answer_carries_its_statistics(webui_ui):
     stats = answer["stats"]
     assert stats is not None and stats["models"] == MODELS and stats["method"] == "ties"
     ties = STATE.get("ties")
-    if ties is not None:   # the same recipe analysed: the merge gathered the same numbers in its own pass
+    if ties is not None:   # the same recipe analysed: the merge's own pass estimates the same numbers (it counts a
+        # fixed sample of chunks, engine.STATS_EVERY; analyze counts all)
         blocks = stats["blocks"]   # the analysis also lists the VAE (it differs), which the merge takes from the base
         assert blocks == [b for b in ties["blocks"] if b != "VAE"]
         for field in ("share", "kept"):
             assert _flat({m: {b: stats[field][m][b] for b in blocks} for m in MODELS}) == pytest.approx(
-                _flat({m: {b: ties[field][m][b] for b in blocks} for m in MODELS}), rel=1e-4, abs=1e-6), field
+                _flat({m: {b: ties[field][m][b] for b in blocks} for m in MODELS}), rel=0, abs=0.01), field
         assert [stats["elected_agreement"][b] for b in blocks] == pytest.approx(
-            [ties["elected_agreement"][b] for b in blocks], rel=1e-4, abs=1e-6)
+            [ties["elected_agreement"][b] for b in blocks], rel=0, abs=0.01)
 
 
 @pytest.fixture
