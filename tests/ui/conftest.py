@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from ui_support import (CHROMIUM, CHROMIUM_ARGS, GRADIO4_PYTHON, Server, TabPage, artifacts_dir, gradio_version,
-                        missing, standalone_server)
+from ui_support import (GRADIO4_PYTHON, Server, TabPage, artifacts_dir, gradio_version,
+                        chromium, missing, standalone_server)
 
 
 @pytest.fixture(scope="session")
@@ -74,19 +74,9 @@ def server(request, ui_checkpoints, tmp_path_factory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def browser():
-    """Headless Debian Chromium through Playwright (its driver ships in the wheel; no download)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    """Headless Debian Chromium, one per test session."""
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture

@@ -86,6 +86,24 @@ class Server:
             return handle.read()
 
 
+
+@contextlib.contextmanager
+def chromium() -> Iterator[object]:
+    """Headless Debian Chromium through Playwright (its driver ships in the wheel; no download), or a skip."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright is not installed (pip install playwright; no `playwright install` needed)")
+    if not os.path.exists(CHROMIUM):
+        missing(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
 @contextlib.contextmanager
 def standalone_server(python: str, models_dir: str, log_path: str, gradio: str = "") -> Iterator[Server]:
     """``python -m lib_merge ui --models-dir DIR --port P`` in a subprocess, until the page answers."""

@@ -10,6 +10,20 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from webui_support import FILES, REPO, data_dir, hosts, serve  # noqa: E402
 
+sys.path.insert(0, os.path.join(REPO, "tests", "ui"))
+from ui_support import chromium  # noqa: E402  (the tab's browser driver)
+
+
+@pytest.fixture
+def page():
+    """A fresh page in headless Chromium for a test that drives a real WebUI's page."""
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1400, "height": 1100})
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
 
 @pytest.fixture(scope="session")
 def synthetic_checkpoints():

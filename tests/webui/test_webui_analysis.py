@@ -18,7 +18,7 @@ import pytest
 from webui_support import REPO, hosts, serve
 
 sys.path.insert(0, os.path.join(REPO, "tests", "ui"))
-from ui_support import CHROMIUM, CHROMIUM_ARGS, TabPage, artifacts_dir, missing  # noqa: E402  (the tab's driver)
+from ui_support import TabPage, artifacts_dir  # noqa: E402  (the tab's driver)
 
 pytestmark = [pytest.mark.webui, pytest.mark.browser]
 MODELS = ["dm_ft1.safetensors", "dm_ft2.safetensors"]
@@ -98,24 +98,6 @@ def test_the_merge_answer_carries_its_statistics(webui_ui):
                 _flat({m: {b: ties[field][m][b] for b in blocks} for m in MODELS}), rel=0, abs=0.01), field
         assert [stats["elected_agreement"][b] for b in blocks] == pytest.approx(
             [ties["elected_agreement"][b] for b in blocks], rel=0, abs=0.01)
-
-
-@pytest.fixture
-def page():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed")
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM}")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1100})
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
-            browser.close()
 
 
 def _image(page, name: str) -> dict:

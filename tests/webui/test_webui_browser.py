@@ -19,7 +19,7 @@ import pytest
 from webui_support import REPO, hosts, serve
 
 sys.path.insert(0, os.path.join(REPO, "tests", "ui"))
-from ui_support import CHROMIUM, CHROMIUM_ARGS, TabPage, artifacts_dir, missing  # noqa: E402  (the tab's driver)
+from ui_support import TabPage, artifacts_dir  # noqa: E402  (the tab's driver)
 
 pytestmark = [pytest.mark.webui, pytest.mark.browser]
 
@@ -30,24 +30,6 @@ def webui_ui(request, synthetic_checkpoints, tmp_path_factory):
     with serve(kind, root, synthetic_checkpoints, str(tmp_path_factory.mktemp(f"webui-ui-{kind}")),
                ui=True) as server:
         yield server
-
-
-@pytest.fixture
-def page():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("playwright is not installed")
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM}")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1100})
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
-            browser.close()
 
 
 def _infotext_model(infotext: str) -> tuple[str, str]:
