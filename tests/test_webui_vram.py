@@ -384,9 +384,9 @@ def test_http_merge_on_cuda_uses_the_webuis_card(monkeypatch, sd1_set):
     monkeypatch.setattr(host, "exclusive", lambda job="", task_id=None: contextlib.nullcontext(0.0))
     asked = []
 
-    def merge_or_reuse(recipe, dtype, device, hot_load, progress=None):
+    def merge_or_reuse(recipe, dtype, device, hot_load, progress=None, stats=False):
         asked.append(device)
-        return session.merge(recipe, dtype=dtype, device="cpu", hot_load=hot_load), False
+        return session.merge(recipe, dtype=dtype, device="cpu", hot_load=hot_load, stats=stats), False
 
     monkeypatch.setattr(dare_merge, "merge_or_reuse", merge_or_reuse)
     answer = api.merge({"base": "base", "models": ["ft1"], "method": "ties", "device": "cuda", "dtype": "fp16"})
