@@ -358,9 +358,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['file']}: {summary['architecture']}, {summary['keys']} keys, "
-          f"{summary['size_bytes'] / 1e9:.2f} GB")
     lora = summary.get("lora")
+    kind = "LoRA" if lora else summary['architecture']   # a LoRA has no checkpoint architecture of its own
+    print(f"{summary['file']}: {kind}, {summary['keys']} keys, {summary['size_bytes'] / 1e9:.2f} GB")
     if lora:
         print(_lora_line(lora))
     for name, comp in summary["components"].items():

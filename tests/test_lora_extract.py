@@ -188,6 +188,8 @@ def test_cli_out_lora_without_out(sd1_set, lora_in, tmp_path):
                          env=env)
     assert run.returncode == 0 and "LoRA: " in run.stdout and "rank 4" in run.stdout, run.stdout
     assert "made for SD1.x" in run.stdout and "worst retained energy" in run.stdout, run.stdout
+    first = run.stdout.splitlines()[0]
+    assert ": LoRA, " in first and "unknown" not in first, run.stdout   # was ": unknown, 1062 keys"
     run = subprocess.run([sys.executable, "-m", "lib_merge", "merge", "--base", sd1_set["base"], "--models",
                           lora_in, "--device", "cpu"], capture_output=True, text=True, env=env)
     assert run.returncode == 2 and "--out-lora" in run.stderr and "Traceback" not in run.stderr
