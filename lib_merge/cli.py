@@ -226,6 +226,8 @@ def cmd_merge(a: argparse.Namespace) -> int:
             report = merge_to_file(recipe, a.out, out_dtype=dtype, overwrite=a.overwrite,
                                    device=device, progress=progress, cancel=cancel, processes=processes)
     except KeyboardInterrupt:
+        from .writer import remove_live_temps
+        remove_live_temps()   # an interrupt just after a temporary file was created: no writer owned it yet
         raise MergeCancelled("merge cancelled; nothing was written") from None
     finally:
         if bar is not None:

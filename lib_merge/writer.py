@@ -241,6 +241,24 @@ def _forget_temp(path: str) -> None:
         _LIVE_TEMPS.discard(path)
 
 
+def remove_live_temps() -> list[str]:
+    """Delete the temporary files this process created and no writer finished or aborted; returns them.
+
+    An interrupt (SIGTERM, Ctrl-C) can land between a temporary file's creation and
+    its writer taking charge of it; no ``abort`` then knows the file.  The CLI calls
+    this once the merge has ended by that interrupt, when no writer is left.
+    """
+    with _LIVE_LOCK:
+        paths = sorted(_LIVE_TEMPS)
+        _LIVE_TEMPS.clear()
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return paths
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
     if tensor.numel() == 0:

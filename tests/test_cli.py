@@ -94,6 +94,24 @@ def test_synth_demo_set(tmp_path):
     assert open_checkpoint(paths[0]).arch == "sd1"
 
 
+def test_interrupt_just_after_the_temp_file_is_created_leaves_no_file(sd1_set, tmp_path, monkeypatch):
+    """SIGTERM/Ctrl-C between the temp file's creation and its writer owning it (seen once under load in CI)."""
+    from lib_merge import cli, writer
+    real_create = writer._create_temp
+
+    def create_then_interrupt(folder, name):
+        real_create(folder, name)
+        raise KeyboardInterrupt   # what cli._terminate raises on SIGTERM, at the worst moment
+
+    monkeypatch.setattr(writer, "_create_temp", create_then_interrupt)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = cli.main(["merge", "--base", sd1_set["base"], "--models", *sd1_set["models"], "--method", "ties",
+                     "--out", str(out / "m.safetensors"), "--device", "cpu", "--processes", "1", "--quiet"])
+    assert code == 130
+    assert list(out.iterdir()) == []
+
+
 def test_sigterm_mid_merge_leaves_no_file(sd1_set, tmp_path):
     import signal
     import time
