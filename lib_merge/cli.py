@@ -72,11 +72,7 @@ def _merge_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=32, metavar="R", help="rank of --out-lora's layers (default 32)")
     p.add_argument("--lora-conv-rank", type=int, metavar="R", help="rank of its 3x3 convs (default: --lora-rank)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--recipe", metavar="FILE",
-                   help="re-run the recipe stored in a merged checkpoint; flags given with it override it")
-    p.add_argument("--ignore-hash", action="store_true",
-                   help="with --recipe: merge even if an input's sha256 differs from the one recorded")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _rerun_flags(p, "re-run the recipe stored in a merged checkpoint", "merge")
 
 
 def _analyze_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,10 +87,14 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="compute device: cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--out", metavar="DIR", help="folder for analysis.json and the plots (created if missing)")
     p.add_argument("--no-plots", action="store_true", help="write analysis.json only")
-    p.add_argument("--recipe", metavar="FILE",
-                   help="analyse the merge recorded in a merged checkpoint; flags given with it override it")
+    _rerun_flags(p, "analyse the merge recorded in a merged checkpoint", "analyse")
+
+
+def _rerun_flags(p: argparse.ArgumentParser, recipe_help: str, verb: str) -> None:
+    """--recipe, --ignore-hash and --quiet, the same for every command that runs a stored recipe."""
+    p.add_argument("--recipe", metavar="FILE", help=f"{recipe_help}; flags given with it override it")
     p.add_argument("--ignore-hash", action="store_true",
-                   help="with --recipe: analyse even if an input's sha256 differs from the one recorded")
+                   help=f"with --recipe: {verb} even if an input's sha256 differs from the one recorded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
