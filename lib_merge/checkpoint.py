@@ -20,10 +20,11 @@ import json
 import mmap
 import os
 import pickle
+import re
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -38,6 +39,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_GAP_READ = 64 * 1024   # bytes of other tensors one read of several may span (Checkpoint.tensors)
 _MAX_INT_DIGITS = 100           # valid ones fit in 64 bits; up to here the entry check names the key
 _INT64_MAX = (1 << 63) - 1
 USE_MMAP = sys.platform == "win32"   # see the module docstring
@@ -54,11 +56,13 @@ def _parse_int(text: str) -> int:
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise _HeaderError(f"holds the key {key[:200]!r} twice")
-        out[key] = value
+    out = dict(pairs)   # built in C: a header has one object per tensor, tens of thousands in a LoRA
+    if len(out) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _HeaderError(f"holds the key {key[:200]!r} twice")
+            seen.add(key)
     return out
 
 
@@ -149,6 +153,10 @@ class Checkpoint:
         info = self._infos[key]
         return self.flat(key).view(info.shape)
 
+    def tensors(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """Several tensors at once (a LoRA module's factors): one read where the file keeps them together."""
+        return [self.tensor(key) for key in keys]
+
     def close(self) -> None:
         pass
 
@@ -218,7 +226,10 @@ class SafetensorsCheckpoint(Checkpoint):
         if not raw.startswith(b"{"):   # the format: the header MUST begin with {
             raise CheckpointError("corrupt safetensors header (not a JSON object)", self.path)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_parse_int)
+            # the digit-count check per integer only where the bytes hold a run of that many digits at all
+            long_int = re.search(rb"[0-9]{%d}" % (_MAX_INT_DIGITS + 1), raw) is not None
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                                parse_int=_parse_int if long_int else None)
         except _HeaderError as exc:
             raise CheckpointError(f"corrupt safetensors header: it {exc}", self.path) from None
         except RecursionError:
@@ -312,16 +323,43 @@ class SafetensorsCheckpoint(Checkpoint):
         start, stop = max(0, start), min(stop, info.numel)
         return self._read(key, start, max(start, stop))
 
+    def tensors(self, keys: Sequence[str]) -> list[torch.Tensor]:
+        """Several tensors at once: one pread of the bytes they span when they lie close together.
+
+        A LoRA's module is two or three small tensors stored side by side; read
+        one by one, a bake of 10 SDXL LoRAs made 40 000 reads, a fifth of its time.
+        """
+        infos = [self._infos[key] for key in keys]
+        if self._mmap is not None or len(keys) < 2:
+            return super().tensors(keys)
+        starts = [self._offsets[key] for key in keys]
+        lo, hi = min(starts), max(s + i.nbytes for s, i in zip(starts, infos))
+        if hi - lo > 2 * sum(i.nbytes for i in infos) + _GAP_READ:
+            return super().tensors(keys)
+        raw = torch.empty(hi - lo, dtype=torch.uint8)
+        self._pread(keys[0], raw, lo)
+        out = []
+        for start, info in zip(starts, infos):   # copied out: offsets need not be aligned to the element size
+            tensor = torch.empty(info.numel, dtype=info.dtype)
+            tensor.view(torch.uint8).copy_(raw[start - lo:start - lo + info.nbytes])
+            out.append(tensor.view(info.shape))
+        return out
+
     def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
         dtype = self._infos[key].dtype
         out = torch.empty(stop - start, dtype=dtype)
         if stop == start:
             return out
+        self._pread(key, out.view(torch.uint8), self._offsets[key] + start * dtype.itemsize)
+        return out
+
+    def _pread(self, key: str, out: torch.Tensor, offset: int) -> None:
+        """Fill the uint8 tensor ``out`` from the file's bytes at ``offset`` (``key``: for messages)."""
         if self._file is None:
             raise CheckpointError("read after the file was closed", self.path, key)
         self._check_unchanged(key)
-        view = memoryview(out.view(torch.uint8).numpy())
-        fd, offset, done = self._file.fileno(), self._offsets[key] + start * dtype.itemsize, 0
+        view = memoryview(out.numpy())
+        fd, done = self._file.fileno(), 0
         while done < len(view):
             try:
                 got = _pread_into(fd, view[done:], offset + done)
@@ -333,7 +371,6 @@ class SafetensorsCheckpoint(Checkpoint):
                 raise CheckpointError("the file ended early while it was being read (truncated while merging?); "
                                       "nothing was saved", self.path, key)
             done += got
-        return out
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading a tensor's pages (asynchronous readahead).

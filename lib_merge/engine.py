@@ -11,6 +11,7 @@ regenerated from the hash, never stored.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import queue
 import time
@@ -24,6 +25,7 @@ from . import kernels
 from .arch import (ARCH_NAMES, EMA, OTHER, TEXT_ENCODER, UNET, VAE, block_of, component_of,
                    parse_block_values)
 from .checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from .lora.fold import linear_in_deltas, lora_sum_of
 from .lora.reader import bind_lora, refuse_lora_base
 from .errors import ArchitectureError, MergeCancelled, NonFiniteError, ParameterError, ShapeMismatchError
 from .masks import MaskHasher, mask_salt
@@ -49,6 +51,10 @@ STATS_EVERY = 4
 # itself does not make (a weighted sum is only a few copies and a sum): they count one chunk in
 # STATS_EVERY * PLAIN_STATS_FACTOR (every key's first chunk still), which keeps them near the same 10 %.
 PLAIN_STATS_FACTOR = 4
+# LoRAs folded into one input (lora/fold.py) have their shares rebuilt from their factors on the sampled
+# chunks, from one row in LORA_STATS_ROW_STRIDE (the same rows for every LoRA): all of them would cost as
+# much as the fold saves.
+LORA_STATS_ROW_STRIDE = 16
 
 
 @dataclass
@@ -168,6 +174,8 @@ class MergePlan:
         self.models: list[Checkpoint] = [opener(m) for m in self.recipe.models]
         refuse_lora_base(self.base)   # LoRA files among the models become theta0 + delta readers
         self.models = [bind_lora(m, self.base, self.base.arch) for m in self.models]
+        # two or more LoRAs: read as one input where the method only sums task vectors (lora/fold.py)
+        self.lora_sum = lora_sum_of(self.models) if self.spec.kind in ("delta", "weighted_sum") else None
         self.arch = self._check_arch()
         self.mask_ids = self._mask_ids()
         self.recipe.block_count_ok(self.arch)
@@ -426,6 +434,7 @@ class KeyMerger:
         self.plan = plan
         self.device = torch.device(device)
         n_models = max(1, len(plan.models))
+        self._chunk_given = chunk
         self.chunk = chunk or chunk_size(n_models, self.device)
         self.hasher = MaskHasher(self.device, max_chunk=self.chunk)
         self.workspace = kernels.Workspace(n_models, self.chunk, self.device)
@@ -510,28 +519,37 @@ class KeyMerger:
         elif spec.kind == "slerp":
             alpha = params.alpha
             coeffs = kernels.slerp_coefficients(*kernels.slerp_stats(base[0:n], models[0][0:n]), alpha)
-        constants = kernels.key_constants(masks, thresholds, weights, self.device, uppers)
-        slots = self._key_stats(-(-n // self.chunk), len(models))
+        sources, run_weights, folded = models, weights, self._fold(task, models, weights)
+        step, ws = self.chunk, self.workspace
+        if folded is not None:
+            sources, run_weights, folded = folded
+            step, ws = self._folded_workspace(len(sources))
+        constants = kernels.key_constants(masks, thresholds, run_weights, self.device, uppers)
+        chunks = -(-n // step)
+        slots = self._key_stats(chunks, len(models))
         chunk_stats = None
         every = plan.stats_every if spec.kind == "delta" or plan.stats_every == 1 \
             else plan.stats_every * PLAIN_STATS_FACTOR
-        for start in range(0, n, self.chunk):
+        for start in range(0, n, step):
             if cancel is not None:
                 cancel.check()
-            stop = min(n, start + self.chunk)
+            stop = min(n, start + step)
             sampled = False
             if slots is not None:
-                chunk_stats = slots[start // self.chunk]
-                sampled = (start // self.chunk) % every == 0
+                chunk_stats = slots[start // step]
+                sampled = (start // step) % every == 0
             theta0 = self._dev(base[start:stop])
-            thetas = [self._dev(m[start:stop]) for m in models]
+            thetas = [self._dev(m[start:stop]) for m in sources]
+            kernel_stats = chunk_stats
+            if folded is not None and chunk_stats is not None:
+                kernel_stats = self._fold_stats(len(sources))
             if spec.kind == "delta":
-                result = kernels.delta_merge_fused(theta0, thetas, weights, params, self.workspace, masks,
+                result = kernels.delta_merge_fused(theta0, thetas, run_weights, params, ws, masks,
                                                    thresholds or None, start, constants=constants,
-                                                   stats=chunk_stats, stat_counts=sampled)
+                                                   stats=kernel_stats, stat_counts=sampled)
             elif spec.kind == "weighted_sum":
-                result = kernels.weighted_sum_fused(theta0, thetas, weights, params.alpha, self.workspace,
-                                                    constants, stats=chunk_stats if sampled else None)
+                result = kernels.weighted_sum_fused(theta0, thetas, run_weights, params.alpha, ws,
+                                                    constants, stats=kernel_stats if sampled else None)
             elif spec.kind == "lincomb":
                 from .lincomb import lincomb_apply
                 result = lincomb_apply(theta0, thetas, coeffs, params.alpha, stats=chunk_stats if sampled else None)
@@ -539,11 +557,67 @@ class KeyMerger:
                 result = kernels.slerp_apply(theta0, thetas[0], coeffs)
                 if sampled:   # one model: its share is all of the merged delta
                     chunk_stats[kernels.STAT_MASS, 0] = (thetas[0].float() - theta0.float()).abs().sum()
+            if kernel_stats is not chunk_stats and sampled:
+                self._unfold_stats(task, folded, sources[-1], kernel_stats, chunk_stats, weights, start, stop)
             if not _fits(result, task.dtype):   # NaN/Inf anywhere in the chunk ends up in the result
                 self._nonfinite(task, base[start:stop], [m[start:stop] for m in models], result)
             out[start:stop].copy_(result)
         self._add_key_stats(task, slots)
         return out
+
+    def _fold(self, task: KeyTask, models: Sequence, weights: list[float]
+              ) -> tuple[list, list[float], list[int]] | None:
+        """The key's inputs with its LoRAs folded into one (lora/fold.py), or None where that would change the merge.
+
+        Not folded: a method or key that drops, trims or elects (it needs each delta), weights of the LoRAs
+        that add up to 0 (no common weight), and the exact statistics pass of ``analyze`` (it reads every
+        model's share on every chunk, so the LoRAs are built one by one there anyway).
+        """
+        plan, params = self.plan, task.params
+        if plan.lora_sum is None or plan.stats_every == 1 or not linear_in_deltas(
+                plan.spec.kind, plan.spec.elect, params.p, params.k, params.beta):
+            return None
+        indices, lora_sum = plan.lora_sum
+        at = {index: j for j, index in enumerate(task.models)}
+        positions = [at[i] for i in indices if i in at]
+        total = sum(weights[j] for j in positions)
+        if len(positions) != len(indices) or total == 0 or not math.isfinite(total):
+            return None
+        folded = set(positions)
+        keep = [j for j in range(len(models)) if j not in folded]
+        source = lora_sum.source(task.key, [weights[j] / total for j in positions], self.device)
+        return [models[j] for j in keep] + [source], [weights[j] for j in keep] + [total], positions
+
+    def _folded_workspace(self, rows: int) -> tuple[int, kernels.Workspace]:
+        """The chunk and workspace for a key whose LoRAs run folded: fewer rows, so longer chunks in the same
+        budget (fewer chunks, fewer passes through the Python loop)."""
+        spaces = self.__dict__.setdefault("_folded_spaces", {})
+        if rows not in spaces:
+            step = self._chunk_given or chunk_size(rows, self.device)
+            spaces[rows] = step, kernels.Workspace(rows, step, self.device)
+        return spaces[rows]
+
+    def _fold_stats(self, rows: int) -> torch.Tensor:
+        """A zeroed [STAT_FIELDS, rows] block for the kernel when the LoRAs run folded (their rows are rebuilt)."""
+        return torch.zeros(kernels.STAT_FIELDS, rows, dtype=torch.float32, device=self.device)
+
+    def _unfold_stats(self, task: KeyTask, positions: list[int], source, kernel_stats: torch.Tensor,
+                      chunk_stats: torch.Tensor, weights: list[float], start: int, stop: int) -> None:
+        """Each model's share of a sampled chunk when its LoRAs ran folded: the others' rows as the kernel
+        counted them; each LoRA's |w delta| (all a method linear in the deltas measures per model) estimated
+        from every LORA_STATS_ROW_STRIDE-th row of the chunk, built from its factors."""
+        folded = set(positions)
+        keep = [j for j in range(chunk_stats.shape[1]) if j not in folded]
+        if keep:
+            chunk_stats[:, keep] = kernel_stats[:, :len(keep)]
+        masses = source.sampled_masses(start, stop, LORA_STATS_ROW_STRIDE)
+        total = sum(weights[j] for j in positions)   # the folded delta's weight: c_i * total = w_i
+        for q, j in enumerate(positions):
+            if masses is not None:
+                chunk_stats[kernels.STAT_MASS, j] = total * masses[q]
+            else:   # a module that does not stack (LoHa, LoKr, DoRA, Tucker): this LoRA's rows, exactly
+                lora = self.plan.models[task.models[j]]
+                chunk_stats[kernels.STAT_MASS, j] = abs(weights[j]) * lora.delta_abs_sum(task.key, start, stop)
 
     def _merge_della(self, task: KeyTask, base, models, weights: list[float], out: torch.Tensor,
                      cancel: CancelToken | None) -> torch.Tensor:

@@ -81,18 +81,21 @@ class Factors:
     dora_scale: torch.Tensor | None
 
 
-def _scalar(ckpt: Checkpoint, key: str) -> float:
-    value = ckpt.tensor(key).float().reshape(-1)
+def _scalar(ckpt: Checkpoint, key: str, value: torch.Tensor | None = None) -> float:
+    value = (ckpt.tensor(key) if value is None else value).float().reshape(-1)
     if value.numel() != 1 or not math.isfinite(float(value[0])):
         raise CheckpointError("must be one finite number", ckpt.path, key)
     return float(value[0])
 
 
-def module_scale(ckpt: Checkpoint, module: Module) -> float:
-    """alpha / rank as the hosts apply it (no alpha: 1; a .scale tensor overrides it, as in A1111)."""
-    p = module.parts
+def module_scale(ckpt: Checkpoint, module: Module, read: dict[str, torch.Tensor] | None = None) -> float:
+    """alpha / rank as the hosts apply it (no alpha: 1; a .scale tensor overrides it, as in A1111).
+
+    ``read``: the module's tensors by part, where the caller has them already.
+    """
+    p, read = module.parts, read or {}
     if "scale" in p:
-        return _scalar(ckpt, p["scale"])
+        return _scalar(ckpt, p["scale"], read.get("scale"))
     if module.kind == "lora":
         rank = ckpt.info(p["down"]).shape[0]
     elif module.kind == "loha":
@@ -104,19 +107,18 @@ def module_scale(ckpt: Checkpoint, module: Module) -> float:
         rank = ckpt.info(bs[0]).shape[0]
     if "alpha" not in p:
         return 1.0
-    return _scalar(ckpt, p["alpha"]) / max(rank, 1)
+    return _scalar(ckpt, p["alpha"], read.get("alpha")) / max(rank, 1)
 
 
 def load_factors(ckpt: Checkpoint, module: Module, device: torch.device) -> Factors:
     """Read a module's factors once (they are small) as float32 on ``device``."""
-    t = {}
-    for part, key in module.parts.items():
-        if part in ("alpha", "scale", "dora_scale"):
-            continue
-        t[part] = ckpt.tensor(key).to(device=device, dtype=torch.float32)
-    dora = module.parts.get("dora_scale")
-    return Factors(module.kind, t, module_scale(ckpt, module),
-                   ckpt.tensor(dora).to(device=device, dtype=torch.float32) if dora else None)
+    parts = list(module.parts)
+    read = dict(zip(parts, ckpt.tensors([module.parts[p] for p in parts])))   # one read for the module
+    t = {part: value.to(device=device, dtype=torch.float32) for part, value in read.items()
+         if part not in ("alpha", "scale", "dora_scale")}
+    dora = read.get("dora_scale")
+    return Factors(module.kind, t, module_scale(ckpt, module, read),
+                   dora.to(device=device, dtype=torch.float32) if dora is not None else None)
 
 
 def delta_rows(f: Factors, r0: int, r1: int, rows: int, cols: int) -> torch.Tensor:
@@ -143,16 +145,22 @@ def delta_rows(f: Factors, r0: int, r1: int, rows: int, cols: int) -> torch.Tens
     return out.reshape(r1 - r0, cols) * f.scale
 
 
-def add_rows_(out: torch.Tensor, f: Factors, r0: int, r1: int, rows: int, cols: int, overwrite: bool = False) -> None:
-    """``out += rows [r0, r1) of the delta`` (``out =`` with ``overwrite``), one fused addmm for a plain LoRA.
+def is_plain(f: Factors) -> bool:
+    """up @ down and nothing else (no Tucker mid, no DoRA): rows of it stack with other LoRAs' (lora/fold.py)."""
+    return f.kind == "lora" and "mid" not in f.t and f.dora_scale is None
+
+
+def add_rows_(out: torch.Tensor, f: Factors, r0: int, r1: int, rows: int, cols: int, overwrite: bool = False,
+              weight: float = 1.0) -> None:
+    """``out += weight * rows [r0, r1) of the delta`` (``out =`` with ``overwrite``), one fused addmm for a plain LoRA.
 
     Allocating a fresh delta per window, zeroing and adding it were measured
     to take longer than the product itself (page faults, passes over memory).
     """
-    if f.kind == "lora" and "mid" not in f.t and f.dora_scale is None:
+    if is_plain(f):
         up = f.t["up"].reshape(rows, -1)[r0:r1]
-        out.addmm_(up, f.t["down"].reshape(up.shape[1], -1), beta=0.0 if overwrite else 1.0, alpha=f.scale)
+        out.addmm_(up, f.t["down"].reshape(up.shape[1], -1), beta=0.0 if overwrite else 1.0, alpha=f.scale * weight)
     elif overwrite:
-        out.copy_(delta_rows(f, r0, r1, rows, cols))
+        out.copy_(delta_rows(f, r0, r1, rows, cols).mul_(weight))
     else:
-        out.add_(delta_rows(f, r0, r1, rows, cols))
+        out.add_(delta_rows(f, r0, r1, rows, cols), alpha=weight)

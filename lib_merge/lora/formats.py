@@ -89,12 +89,11 @@ def looks_like_lora(ckpt: Checkpoint) -> bool:
     keys = ckpt.keys()
     if not keys or detect_arch(ckpt.shapes()) is not None:
         return False
-    hits = 0
     for key in keys:
         split = _split_key(key)
         if split is not None and split_family(split[0]) is not None and split[1] != "any":
-            hits += 1
-    return hits > 0
+            return True
+    return False
 
 
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.embedders.",
@@ -117,13 +116,12 @@ def keys_look_like_lora(keys: Iterable[str]) -> bool:
 def parse_modules(ckpt: Checkpoint) -> list[Module]:
     """The file's modules, each with its parts; refuses unknown keys and unsupported types in one line."""
     modules: dict[str, Module] = {}
-    for key in ckpt.keys():   # an unsupported type first: its other keys (IA3's .weight) would look unknown
-        split = _split_key(key)
+    splits = [(key, _split_key(key)) for key in ckpt.keys()]
+    for key, split in splits:   # an unsupported type first: its other keys (IA3's .weight) would look unknown
         if split is not None and split[1] not in (*_SUPPORTED, "any"):
             raise CheckpointError(f"is a {split[1]} adapter, which cannot be merged (supported: {SUPPORTED_TEXT})",
                                   ckpt.path, key)
-    for key in ckpt.keys():
-        split = _split_key(key)
+    for key, split in splits:
         family = split_family(split[0]) if split else None
         if split is None or family is None:
             raise CheckpointError("is not part of a LoRA this merger reads (expected lora_unet_/lora_te*_ or "

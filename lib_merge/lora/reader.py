@@ -196,8 +196,7 @@ class LoraInput(Checkpoint):
                 and cached[3].device == device:
             return cached[1], cached[3]
         rows_total = self._infos[key].shape[0]
-        whole = any(m.kind == "lokr" or "dora_scale" in m.parts for m, *_ in self._targets[key])
-        if whole:
+        if self.whole_key(key):
             w0, w1 = 0, rows_total
         else:
             w0, w1 = r0, min(rows_total, max(r1, r0 + max(1, WINDOW // cols)))
@@ -213,17 +212,50 @@ class LoraInput(Checkpoint):
         """
         out = self._buffer((r1 - r0) * cols, device).view(r1 - r0, cols)
         out.view(-1).copy_(self._shared.read(key, r0 * cols, r1 * cols))
-        for module, rows, m_rows, m_cols in self._targets[key]:
-            lo, hi = rows if rows else (0, m_rows)
-            a, b = max(r0, lo), min(r1, hi)
-            if a >= b:
-                continue
-            f = self._factors_of(module, device)
-            if f.dora_scale is not None:
-                out[a - r0:b - r0].add_(self._dora(key, f, delta_rows(f, a - lo, b - lo, m_rows, m_cols)))
-            else:
-                add_rows_(out[a - r0:b - r0], f, a - lo, b - lo, m_rows, m_cols)
+        for target in self._targets[key]:
+            self.add_target_(out, key, target, r0, r1, device)
         return out
+
+    def add_target_(self, out: torch.Tensor, key: str, target: tuple[Module, tuple[int, int] | None, int, int],
+                    r0: int, r1: int, device: torch.device, weight: float = 1.0) -> None:
+        """``out`` (rows [r0, r1) of ``key``) += weight * what one of this LoRA's modules adds to those rows."""
+        module, rows, m_rows, m_cols = target
+        lo, hi = rows if rows else (0, m_rows)
+        a, b = max(r0, lo), min(r1, hi)
+        if a >= b:
+            return
+        f = self._factors_of(module, device)
+        if f.dora_scale is not None:
+            out[a - r0:b - r0].add_(self._dora(key, f, delta_rows(f, a - lo, b - lo, m_rows, m_cols)), alpha=weight)
+        else:
+            add_rows_(out[a - r0:b - r0], f, a - lo, b - lo, m_rows, m_cols, weight=weight)
+
+    def targets(self, key: str) -> list[tuple[Module, tuple[int, int] | None, int, int]]:
+        """This LoRA's modules on ``key``: (module, rows of the key it fills or None, its rows, its columns)."""
+        return self._targets.get(key, [])
+
+    def whole_key(self, key: str) -> bool:
+        """Whether ``key``'s delta must be built whole (LoKr's Kronecker product, DoRA's norm over the layer)."""
+        return any(m.kind == "lokr" or "dora_scale" in m.parts for m, *_ in self._targets.get(key, ()))
+
+    def delta_abs_sum(self, key: str, start: int, stop: int) -> float:
+        """sum |delta| over elements [start, stop) of ``key``, built for just those rows (merge statistics)."""
+        cols = self._cols.get(key)
+        if cols is None or stop <= start:
+            return 0.0
+        device = self._device or torch.device("cpu")
+        if self.whole_key(key):
+            theta = self.read_range(key, start, stop)
+            return float((theta - self._shared.read(key, start, stop).to(theta.device, torch.float32)).abs().sum())
+        r0, r1 = start // cols, -(-stop // cols)
+        rows = torch.zeros(r1 - r0, cols, dtype=torch.float32, device=device)
+        for target in self._targets[key]:
+            self.add_target_(rows, key, target, r0, r1, device)
+        return float(rows.view(-1)[start - r0 * cols:stop - r0 * cols].abs().sum())
+
+    def factors(self, module: Module, device: torch.device) -> Factors:
+        """A module's factors on ``device`` (cached: a few keys ahead of every thread)."""
+        return self._factors_of(module, device)
 
     def _buffer(self, n: int, device: torch.device) -> torch.Tensor:
         """This thread's window memory, reused: fresh multi-MB allocations page-fault on every window."""
