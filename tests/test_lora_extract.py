@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lib_merge import MergeRecipe, merge_to_file, merge_to_memory
 from lib_merge.errors import OutputError
-from lib_merge.lora.extract import merge_to_lora, truncated_svd
+from lib_merge.lora.extract import gram_svd, merge_to_lora, truncated_svd
 
 from test_lora import SD1_MODULES, XL_TE2, _xl_modules, write_lora
 
@@ -163,6 +163,48 @@ def test_randomized_svd_keeps_the_energy_of_the_exact_one():
     exact = torch.linalg.svdvals(noise.double())
     assert not randomized
     assert float((s.double() ** 2).sum()) == pytest.approx(float((exact[:32] ** 2).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(96, 700), (700, 96), (128, 128)])
+def test_gram_svd_is_the_exact_truncated_svd(shape):
+    """The Gram eigenvector SVD against LAPACK's in float64: same singular values, same energy, orthonormal
+    factors, and at full rank the matrix back to float32 rounding (on a spectrum spanning 6 decades too)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    m, n = shape
+    short = min(shape)
+    q1, _ = torch.linalg.qr(torch.randn(m, short, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, short, generator=g, dtype=torch.float64))
+    for spectrum in (torch.ones(short, dtype=torch.float64) + 0.1 * torch.rand(short, generator=g, dtype=torch.float64),
+                     torch.logspace(0, -6, short, dtype=torch.float64)):
+        mat64 = (q1 * spectrum) @ q2.T
+        mat = mat64.float()
+        exact = torch.linalg.svdvals(mat.double())
+        for rank in (8, 40, short, short + 5):
+            u, s, vh = gram_svd(mat, rank)
+            r = min(rank, short)
+            assert u.shape == (m, r) and s.shape == (r,) and vh.shape == (r, n)
+            # float32 squares the condition in the Gram matrix: singular values below a few % of the largest
+            # lose digits (error ~ eps (s1/s)^2 of s; their energy is exact to 1e-6 below, and fp16 keeps less)
+            big = exact[:r] >= 3e-2 * exact[0]
+            assert torch.allclose(s.double()[big], exact[:r][big], rtol=1e-3)
+            k = int(big.sum())   # (the vectors of the blurred tail are no better than their values)
+            for f in (u.T, vh):
+                assert torch.allclose(f[:k].double() @ f[:k].T.double(), torch.eye(k, dtype=torch.float64), atol=1e-3)
+            low = (u * s) @ vh
+            energy = 1 - float((mat.double() - low.double()).pow(2).sum() / mat.double().pow(2).sum())
+            assert energy == pytest.approx(float((exact[:r] ** 2).sum() / (exact ** 2).sum()), abs=1e-6)
+            if r == short:
+                assert float((low.double() - mat.double()).abs().max()) <= 1e-5 * float(mat.abs().max())
+
+
+def test_truncated_svd_picks_the_cheaper_exact_path_for_wide_layers():
+    """A 640 x 5760 layer at rank 64 (a conv of a scaled SDXL): the Gram SVD costs less than the randomized
+    one there, so it is used directly (exact, not randomized)."""
+    g = torch.Generator().manual_seed(3)
+    mat = torch.randn(640, 40, generator=g) @ torch.randn(40, 5760, generator=g)
+    u, s, vh, randomized = truncated_svd(mat, 64)
+    assert not randomized and s.shape == (64,)
+    assert float(((u * s) @ vh - mat).abs().max()) <= 1e-4 * float(mat.abs().max())
 
 
 def test_out_lora_refuses_an_input_and_bad_ranks(sd1_set, lora_in, tmp_path):
