@@ -113,7 +113,7 @@ def module_scale(ckpt: Checkpoint, module: Module, read: dict[str, torch.Tensor]
 def load_factors(ckpt: Checkpoint, module: Module, device: torch.device) -> Factors:
     """Read a module's factors once (they are small) as float32 on ``device``."""
     parts = list(module.parts)
-    read = dict(zip(parts, ckpt.tensors([module.parts[p] for p in parts])))   # one read for the module
+    read = dict(zip(parts, ckpt.tensors([module.parts[p] for p in parts], float32=True)))   # one read
     t = {part: value.to(device=device, dtype=torch.float32) for part, value in read.items()
          if part not in ("alpha", "scale", "dora_scale")}
     dora = read.get("dora_scale")

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from .delta import is_plain
+from .delta import is_plain, load_factors
 from .reader import LoraInput
 
 _FOLD_CACHE = 16     # keys whose stacked factors stay built (a few keys ahead of every thread)
@@ -127,7 +127,7 @@ class LoraSum:
         for index, (lora, coef) in enumerate(zip(self.loras, coefs)):
             for target in lora.targets(key):
                 module, rows, m_rows, _ = target
-                f = lora.factors(module, device)
+                f = load_factors(lora.lora_file, module, device)   # once per key: no cache needed
                 if not is_plain(f):
                     others.append((lora, target, coef))
                     continue

@@ -253,9 +253,10 @@ class LoraInput(Checkpoint):
             self.add_target_(rows, key, target, r0, r1, device)
         return float(rows.view(-1)[start - r0 * cols:stop - r0 * cols].abs().sum())
 
-    def factors(self, module: Module, device: torch.device) -> Factors:
-        """A module's factors on ``device`` (cached: a few keys ahead of every thread)."""
-        return self._factors_of(module, device)
+    @property
+    def lora_file(self) -> Checkpoint:
+        """The LoRA file itself (its factors)."""
+        return self._lora
 
     def _buffer(self, n: int, device: torch.device) -> torch.Tensor:
         """This thread's window memory, reused: fresh multi-MB allocations page-fault on every window."""
