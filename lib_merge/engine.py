@@ -570,11 +570,12 @@ class KeyMerger:
         """The key's inputs with its LoRAs folded into one (lora/fold.py), or None where that would change the merge.
 
         Not folded: a method or key that drops, trims or elects (it needs each delta), weights of the LoRAs
-        that add up to 0 (no common weight), and the exact statistics pass of ``analyze`` (it reads every
-        model's share on every chunk, so the LoRAs are built one by one there anyway).
+        that add up to 0 (no common weight), the inpainting input conv merged on its shared channels (read
+        whole and sliced), and the exact statistics pass of ``analyze`` (it reads every model's share on
+        every chunk, so the LoRAs are built one by one there anyway).
         """
         plan, params = self.plan, task.params
-        if plan.lora_sum is None or plan.stats_every == 1 or not linear_in_deltas(
+        if plan.lora_sum is None or plan.stats_every == 1 or task.channel_slice is not None or not linear_in_deltas(
                 plan.spec.kind, plan.spec.elect, params.p, params.k, params.beta):
             return None
         indices, lora_sum = plan.lora_sum

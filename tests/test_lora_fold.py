@@ -157,3 +157,31 @@ def test_statistics_of_folded_loras_match_the_unfolded_merge(sd1_set, tmp_path):
         assert got == pytest.approx(want, abs=0.02)
     assert shares[4] == pytest.approx(3 * shares[1], rel=1e-5)   # same LoRA, same rows sampled
     assert min(shares) > 0 and shares[2] > shares[1]
+
+
+def test_inpainting_input_conv_with_loras_is_not_folded_across_its_channels(sd1_set, tmp_path):
+    """A 9-channel base with a 4-channel model: the input conv is merged on the 4 shared channels from
+    tensors read whole and sliced, so the LoRAs on it are read one by one there (and folded elsewhere)."""
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    base = load_file(sd1_set["base"])
+    w = base[key]
+    base[key] = torch.cat([w, torch.randn(w.shape[0], 5, *w.shape[2:]).to(w.dtype)], dim=1)
+    base_path = str(tmp_path / "inpaint-base.safetensors")
+    save_file(base, base_path)
+    conv_in = {"name": "lora_unet_conv_in", "key": key}
+    paths, expected = [], []
+    for i in range(2):
+        paths.append(str(tmp_path / f"c{i}.safetensors"))
+        expected.append(write_lora(paths[-1], base, [conv_in, SD1_MODULES[0]], seed=90 + i))
+    ft = sd1_set["models"][0]
+    state, plan = _merge(MergeRecipe("add_difference", base_path, [ft, *paths], weights=[1.0, 0.5, 2.0], p=0.0,
+                                     vae="merge"))
+    model = load_file(ft)[key].double()
+    b = base[key].double()
+    want = b[:, :4] + (model - b[:, :4]) + 0.5 * expected[0][key][:, :4] + 2.0 * expected[1][key][:, :4]
+    assert (state[key][:, :4].double() - want).abs().max() < 2e-5 * max(1.0, float(want.abs().max()))
+    assert torch.equal(state[key][:, 4:], base[key][:, 4:].float())     # the base's own channels kept
+    other = SD1_MODULES[0]["key"]
+    want_other = base[other].double() + 0.5 * expected[0][other] + 2.0 * expected[1][other] \
+        + (load_file(ft)[other].double() - base[other].double())
+    assert (state[other].double() - want_other).abs().max() < 2e-5 * max(1.0, float(want_other.abs().max()))
