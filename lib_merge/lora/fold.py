@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from .delta import is_plain, load_factors
-from .reader import LoraInput
+from .reader import WINDOW, LoraInput, thread_buffer
 
 _FOLD_CACHE = 16     # keys whose stacked factors stay built (a few keys ahead of every thread)
 
@@ -89,7 +89,6 @@ class LoraSum:
         else:
             fold = self._fold(key, coefs, device)
             rows_total = lora.info(key).shape[0]
-            from .reader import WINDOW
             w0, w1 = (0, rows_total) if fold.whole else (r0, min(rows_total, max(r1, r0 + max(1, WINDOW // cols))))
             window = self._window(key, fold, w0, w1, cols, device)
             self._local.window = ((key, coefs, device), w0, w1, window)
@@ -107,12 +106,7 @@ class LoraSum:
         return out
 
     def _buffer(self, n: int, device: torch.device) -> torch.Tensor:
-        from .reader import WINDOW
-        buf = getattr(self._local, "buffer", None)
-        if buf is None or buf.numel() < n or buf.device != device:
-            buf = torch.empty(max(n, WINDOW), dtype=torch.float32, device=device)
-            self._local.buffer = buf
-        return buf[:n]
+        return thread_buffer(self._local, n, device)
 
     def _fold(self, key: str, coefs: tuple[float, ...], device: torch.device) -> _KeyFold:
         """The key's stacked factors for these coefficients (built once, kept for a few keys)."""

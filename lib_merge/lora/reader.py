@@ -36,6 +36,15 @@ WINDOW = 1 << 20          # elements of delta built at once per key (4 MB float3
 _FACTOR_CACHE = 64        # modules whose factors stay loaded (a few keys ahead of every thread)
 
 
+def thread_buffer(local: threading.local, n: int, device: torch.device) -> torch.Tensor:
+    """This thread's window memory, reused: fresh multi-MB allocations page-fault on every window."""
+    buf = getattr(local, "buffer", None)
+    if buf is None or buf.numel() < n or buf.device != device:
+        buf = torch.empty(max(n, WINDOW), dtype=torch.float32, device=device)
+        local.buffer = buf
+    return buf[:n]
+
+
 class SharedBase:
     """What every LoRA bound to one base shares: its key map, and the base chunk this thread read last.
 
@@ -259,12 +268,7 @@ class LoraInput(Checkpoint):
         return self._lora
 
     def _buffer(self, n: int, device: torch.device) -> torch.Tensor:
-        """This thread's window memory, reused: fresh multi-MB allocations page-fault on every window."""
-        buf = getattr(self._local, "buffer", None)
-        if buf is None or buf.numel() < n or buf.device != device:
-            buf = torch.empty(max(n, WINDOW), dtype=torch.float32, device=device)
-            self._local.buffer = buf
-        return buf[:n]
+        return thread_buffer(self._local, n, device)
 
     def _dora(self, key: str, f: Factors, d: torch.Tensor) -> torch.Tensor:
         """W' - W with W' = (W + d) * dora_scale / ||W + d|| (whole key; the norm axis from dora_scale's shape).
