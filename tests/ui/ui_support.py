@@ -160,6 +160,17 @@ class TabPage:
         option = self.page.locator(f'#{elem} ul li[data-value="{value}"], #{elem} ul li[aria-label="{value}"]')
         option.first.click(timeout=15_000)
         self.page.locator("#dare_merge_method_help").first.click()  # close the list (click on plain text)
+        # the choice shows (the single value in the box, or a chip of a multiselect) before the next step:
+        # on a loaded machine a click that follows at once could reach the server before the choice did
+        self.page.wait_for_function(
+            """([elem, value]) => {
+                const root = document.querySelector('#' + elem);
+                if (!root) return false;
+                const box = root.querySelector('input');
+                if (box && box.value === value) return true;
+                return [...root.querySelectorAll('.token, .token span, [class*=token]')]
+                    .some(t => t.textContent.trim() === value);
+            }""", arg=[elem, value], timeout=15_000)
 
     def set_number(self, elem: str, value: str) -> None:
         """Type into a slider's number box (or a Number field) and commit it."""
