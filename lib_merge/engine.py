@@ -435,6 +435,7 @@ class KeyMerger:
         self.device = torch.device(device)
         n_models = max(1, len(plan.models))
         self._chunk_given = chunk
+        self._folded_spaces: dict[int, tuple[int, kernels.Workspace]] = {}   # per row count (see _fold)
         self.chunk = chunk or chunk_size(n_models, self.device)
         self.hasher = MaskHasher(self.device, max_chunk=self.chunk)
         self.workspace = kernels.Workspace(n_models, self.chunk, self.device)
@@ -592,15 +593,19 @@ class KeyMerger:
     def _folded_workspace(self, rows: int) -> tuple[int, kernels.Workspace]:
         """The chunk and workspace for a key whose LoRAs run folded: fewer rows, so longer chunks in the same
         budget (fewer chunks, fewer passes through the Python loop)."""
-        spaces = self.__dict__.setdefault("_folded_spaces", {})
+        spaces = self._folded_spaces
         if rows not in spaces:
             step = self._chunk_given or chunk_size(rows, self.device)
             spaces[rows] = step, kernels.Workspace(rows, step, self.device)
         return spaces[rows]
 
     def _fold_stats(self, rows: int) -> torch.Tensor:
-        """A zeroed [STAT_FIELDS, rows] block for the kernel when the LoRAs run folded (their rows are rebuilt)."""
-        return torch.zeros(kernels.STAT_FIELDS, rows, dtype=torch.float32, device=self.device)
+        """A zeroed [STAT_FIELDS, rows] block for the kernel when the LoRAs run folded (their rows are rebuilt);
+        one per merger, zeroed per chunk rather than allocated."""
+        block = getattr(self, "_fold_block", None)
+        if block is None or block.shape[1] != rows:
+            block = self._fold_block = torch.empty(kernels.STAT_FIELDS, rows, dtype=torch.float32, device=self.device)
+        return block.zero_()
 
     def _unfold_stats(self, task: KeyTask, positions: list[int], source, kernel_stats: torch.Tensor,
                       chunk_stats: torch.Tensor, weights: list[float], start: int, stop: int) -> None:

@@ -81,7 +81,7 @@ class LoraSum:
             return torch.empty(0, dtype=torch.float32, device=device)
         if not any(lo.targets(key) for lo in self.loras):
             return self._shared.read(key, start, stop)
-        cols = max(1, numel // max(1, lora.info(key).shape[0]))
+        cols = self._cols(key)
         r0, r1 = start // cols, -(-stop // cols)
         cached = getattr(self._local, "window", None)
         if cached is not None and cached[0] == (key, coefs, device) and cached[1] <= r0 and r1 <= cached[2]:
@@ -93,6 +93,11 @@ class LoraSum:
             window = self._window(key, fold, w0, w1, cols, device)
             self._local.window = ((key, coefs, device), w0, w1, window)
         return window.view(-1)[start - w0 * cols:stop - w0 * cols]
+
+    def _cols(self, key: str) -> int:
+        """Columns of ``key`` as a [rows, columns] matrix (a 1-D key: one column)."""
+        info = self.loras[0].info(key)
+        return max(1, info.numel // max(1, info.shape[0]))
 
     def _window(self, key: str, fold: _KeyFold, r0: int, r1: int, cols: int, device: torch.device) -> torch.Tensor:
         out = self._buffer((r1 - r0) * cols, device).view(r1 - r0, cols)
@@ -151,8 +156,7 @@ class LoraSum:
         fold = self._fold(key, coefs, device)
         if fold.others:
             return None
-        lora = self.loras[0]
-        cols = max(1, lora.info(key).numel // max(1, lora.info(key).shape[0]))
+        cols = self._cols(key)
         r0, r1 = start // cols, -(-stop // cols)
         picked = torch.arange(r0, r1, max(1, stride), device=device)
         sums = torch.zeros(len(self.loras), dtype=torch.float64, device=device)
